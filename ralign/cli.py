@@ -1,0 +1,142 @@
+"""The `ralign` command line. Each verb is a thin wrapper over a library function; errors a user can fix are printed
+as one line (`error: ...`) with exit code 2, never as a traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ralign.config import ConfigError
+
+app = typer.Typer(help="Ray-distributed RL alignment of text-to-image diffusion models.", no_args_is_help=True, pretty_exceptions_enable=False)
+world_app = typer.Typer(help="The toy world: renderer, oracle, pretraining of the toy models.", no_args_is_help=True)
+app.add_typer(world_app, name="world")
+
+
+class UserError(RuntimeError):
+    """Anything the user can fix (bad path, bad value); printed as one line."""
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Library chatter (diffusers/transformers deprecation notes) drowns progress lines; keep warnings and up.
+    for noisy in ("diffusers", "transformers", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _emit_json(data: dict, out: Optional[Path]) -> None:
+    text = json.dumps(data, indent=2)
+    if out is None:
+        typer.echo(text)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n", encoding="utf-8")
+        typer.echo(f"wrote {out}")
+
+
+@world_app.command("render")
+def world_render(
+    family: Annotated[str, typer.Option(help="Prompt family: single, binding, counting, spatial, size, long.")],
+    n: Annotated[int, typer.Option(min=1, help="Number of prompts / images.")] = 16,
+    out: Annotated[Path, typer.Option(help="Output directory (PNGs + prompts.jsonl).")] = Path("outputs/render"),
+    split: Annotated[str, typer.Option(help="train, val, test or all.")] = "train",
+    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+) -> None:
+    """Render clean scenes of N prompts of one family: one PNG each and a prompts.jsonl index."""
+    from PIL import Image
+
+    from ralign.world.prompts import generate
+    from ralign.world.scene import render
+
+    samples = generate(family, n, split=split, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "prompts.jsonl").open("w", encoding="utf-8") as index:
+        for i, s in enumerate(samples):
+            name = f"{family}_{i:05d}.png"
+            Image.fromarray(render(s.scene)).save(out / name)
+            index.write(json.dumps({"image": name, "prompt": s.prompt, "family": family, "split": split, "unseen": s.unseen}) + "\n")
+    typer.echo(f"wrote {n} images and prompts.jsonl to {out}")
+
+
+@world_app.command("oracle-check")
+def world_oracle_check(
+    n: Annotated[int, typer.Option(min=1, help="Prompts per family.")] = 200,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics JSON here (default: stdout).")] = None,
+    split: Annotated[str, typer.Option(help="Split of the prompts.")] = "test",
+    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+) -> None:
+    """Run the oracle on clean renders of every family; all_correct should be ~1.0 everywhere."""
+    from ralign.world.oracle import oracle_check
+
+    _emit_json(oracle_check(n, seed=seed, split=split), json_out)
+
+
+@world_app.command("pretrain")
+def world_pretrain(
+    out: Annotated[Path, typer.Option(help="Where the toy models go.")] = Path(__file__).resolve().parent / "toy_models",
+    only: Annotated[str, typer.Option(help="Comma list of: t2i, reward_clip, preference, captioner, segmenter.")] = "t2i,reward_clip,preference,captioner,segmenter",
+    scale: Annotated[float, typer.Option(min=0.001, help="Multiply every step count (e.g. 0.01 for a smoke run).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+) -> None:
+    """Train the toy models from scratch on renders of the toy world (the committed ones were made by this)."""
+    _setup_logging()
+    from ralign.pretrain.run import pretrain_all
+
+    results = pretrain_all(out, [p.strip() for p in only.split(",") if p.strip()], scale=scale, seed=seed)
+    typer.echo(json.dumps(results, indent=2))
+
+
+@app.command("eval")
+def evaluate(
+    pipeline: Annotated[str, typer.Option(help="'base' (committed toy model), a diffusers directory, or a hub id.")] = "base",
+    split: Annotated[str, typer.Option(help="Prompt split: train, val, test.")] = "test",
+    n: Annotated[int, typer.Option(min=1, help="Prompts per family.")] = 200,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics JSON here (default: stdout).")] = None,
+    grids: Annotated[Optional[Path], typer.Option(help="Directory for per-family image grids (default: beside --json).")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="DDIM steps.")] = 20,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 5.0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per pipeline call.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of prompts and noise.")] = 0,
+    families: Annotated[str, typer.Option(help="Comma list of families (default: all).")] = "single,binding,counting,spatial,size,long",
+) -> None:
+    """Generate images for held-out prompts, score them with the oracle, write per-family metrics and image grids."""
+    _setup_logging()
+    from ralign.evaluation import evaluate_generator
+    from ralign.models.pipeline import generate_images, load_pipeline
+    from ralign.world.prompts import FAMILIES
+
+    fams = [f.strip() for f in families.split(",") if f.strip()]
+    bad = [f for f in fams if f not in FAMILIES]
+    if bad:
+        raise UserError(f"unknown famil{'y' if len(bad) == 1 else 'ies'} {bad}; expected some of {list(FAMILIES)}")
+    pipe = load_pipeline(pipeline)
+    grid_dir = grids if grids is not None else (json_out.parent / f"{json_out.stem}_grids" if json_out else Path("outputs/eval_grids"))
+    report = evaluate_generator(
+        lambda prompts: generate_images(pipe, prompts, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size),
+        split=split, n=n, seed=seed, families=fams, grid_dir=grid_dir,
+    )
+    report.update({"pipeline": pipeline, "steps": steps, "guidance": guidance})
+    _emit_json(report, json_out)
+    typer.echo(f"image grids in {grid_dir}")
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the toy world never needs the network; real runs may unset it
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from ralign.models.pipeline import ModelLoadError
+
+    try:
+        app()
+    except (ConfigError, UserError, ModelLoadError, ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

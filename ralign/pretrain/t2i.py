@@ -1,0 +1,258 @@
+"""Pretraining of the toy text-to-image model: text CLIP -> VAE -> UNet, assembled as a StableDiffusionPipeline.
+
+The order mirrors how Stable Diffusion was built: a CLIP trained contrastively provides the (then frozen) text
+encoder, an autoencoder provides the latent space, and the UNet learns denoising in that space conditioned on the
+text encoder's last hidden states, with 10 % of captions dropped for classifier-free guidance.
+Training data are renders of prompts of every family and every colour-shape combination (split `all`): the base
+model plays the part of a web-pretrained model that has seen everything; the RL splits hold combinations out later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from diffusers.training_utils import EMAModel
+
+from ralign.models import toy_t2i
+from ralign.models.tokenizer import build_word_tokenizer
+from ralign.world.data import render_samples, sample_stream
+from ralign.world.prompts import FAMILIES, generate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class T2IPretrainConfig:
+    seed: int = 0
+    clip_steps: int = 800
+    clip_batch: int = 64
+    clip_lr: float = 5e-4
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 5000
+    unet_batch: int = 64
+    unet_lr: float = 5e-4
+    unet_ema_decay: float = 0.999
+    cfg_drop: float = 0.1  # fraction of captions replaced by "" so the model also learns the unconditional score
+    log_every: int = 100
+    threads: int = 2
+
+
+class _Progress:
+    """A log line every `every` steps with loss, speed and time left (tqdm bars are unreadable in CI logs)."""
+
+    def __init__(self, name: str, total: int, every: int):
+        self.name, self.total, self.every = name, total, every
+        self.start = time.time()
+        self.losses: list[float] = []
+
+    def step(self, i: int, loss: float) -> None:
+        self.losses.append(loss)
+        if (i + 1) % self.every == 0 or i + 1 == self.total:
+            elapsed = time.time() - self.start
+            rate = (i + 1) / elapsed
+            recent = float(np.mean(self.losses[-self.every :]))
+            log.info(
+                "%s step %d/%d loss %.4f  %.2f it/s  %.0fs left", self.name, i + 1, self.total, recent, rate,
+                (self.total - i - 1) / rate,
+            )
+
+    @property
+    def wall_s(self) -> float:
+        return time.time() - self.start
+
+
+def _cosine_lr(optimizer: torch.optim.Optimizer, total: int, warmup: int = 100) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def tokenize(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+
+
+def train_text_clip(cfg: T2IPretrainConfig, tokenizer) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(cfg.seed)
+    model = toy_t2i.text_clip(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.1)
+    sched = _cosine_lr(opt, cfg.clip_steps)
+    stream = sample_stream(cfg.clip_batch, seed=cfg.seed + 1)
+    progress = _Progress("text-clip", cfg.clip_steps, cfg.log_every)
+    model.train()
+    for i in range(cfg.clip_steps):
+        batch = next(stream)
+        # Duplicate prompts in one batch would be false negatives for the contrastive loss; keep the first of each.
+        seen, unique = set(), []
+        for s in batch:
+            if s.prompt not in seen:
+                seen.add(s.prompt)
+                unique.append(s)
+        enc = tokenize(tokenizer, [s.prompt for s in unique])
+        out = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, pixel_values=render_samples(unique), return_loss=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        progress.step(i, out.loss.item())
+    model.eval()
+    metrics = {"steps": cfg.clip_steps, "batch": cfg.clip_batch, "wall_s": round(progress.wall_s, 1), "params": _params(model)}
+    metrics.update(evaluate_text_clip(model, tokenizer))
+    return model, metrics
+
+
+@torch.no_grad()
+def evaluate_text_clip(model, tokenizer, n: int = 64, seed: int = 123) -> dict:
+    """Image->text retrieval top-1 among n held-out prompts per family (chance = 1/n)."""
+    out = {}
+    for fam in FAMILIES:
+        samples = generate(fam, n, split="test", seed=seed)
+        enc = tokenize(tokenizer, [s.prompt for s in samples])
+        img = F.normalize(model.get_image_features(pixel_values=render_samples(samples)).pooler_output, dim=-1)
+        txt = F.normalize(model.get_text_features(input_ids=enc.input_ids, attention_mask=enc.attention_mask).pooler_output, dim=-1)
+        sims = img @ txt.T
+        # Identical prompt strings count as correct: they describe the image equally well.
+        prompts = [s.prompt for s in samples]
+        hits = [prompts[int(sims[i].argmax())] == prompts[i] for i in range(n)]
+        out[f"retrieval_top1_{fam}"] = round(float(np.mean(hits)), 3)
+    return out
+
+
+def train_vae(cfg: T2IPretrainConfig) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(cfg.seed)
+    vae = toy_t2i.vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = _cosine_lr(opt, cfg.vae_steps)
+    stream = sample_stream(cfg.vae_batch, seed=cfg.seed + 2)
+    progress = _Progress("vae", cfg.vae_steps, cfg.log_every)
+    vae.train()
+    for i in range(cfg.vae_steps):
+        x = render_samples(next(stream))
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        # L1 keeps flat colours exact; MSE punishes the rare large error (a missing corner of a triangle) harder.
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        progress.step(i, loss.item())
+    vae.eval()
+    metrics = {"steps": cfg.vae_steps, "batch": cfg.vae_batch, "wall_s": round(progress.wall_s, 1), "params": _params(vae)}
+    metrics.update(_calibrate_vae(vae, cfg.seed))
+    return vae, metrics
+
+
+@torch.no_grad()
+def _calibrate_vae(vae, seed: int) -> dict:
+    """Set `scaling_factor` so that scaled latents have unit variance (SD1.5's 0.18215 was found the same way)."""
+    samples = next(sample_stream(256, seed=seed + 99, split="test"))
+    x = render_samples(samples)
+    latents = vae.encode(x).latent_dist.mean
+    recon = vae.decode(latents).sample
+    mse = F.mse_loss(recon, x).item()
+    psnr = 10 * math.log10(4.0 / mse)  # signal range is [-1, 1], peak-to-peak 2
+    scale = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scale)
+    return {"recon_psnr_db": round(psnr, 2), "scaling_factor": round(scale, 5)}
+
+
+def train_unet(cfg: T2IPretrainConfig, tokenizer, text_encoder, vae) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(cfg.seed)
+    unet = toy_t2i.unet()
+    noise_scheduler = toy_t2i.train_scheduler()
+    ema = EMAModel(unet.parameters(), decay=cfg.unet_ema_decay, model_cls=type(unet), model_config=unet.config)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.0)
+    sched = _cosine_lr(opt, cfg.unet_steps, warmup=200)
+    stream = sample_stream(cfg.unet_batch, seed=cfg.seed + 3)
+    rng = np.random.default_rng(cfg.seed + 4)
+    progress = _Progress("unet", cfg.unet_steps, cfg.log_every)
+    text_encoder.requires_grad_(False)
+    vae.requires_grad_(False)
+    unet.train()
+    for i in range(cfg.unet_steps):
+        samples = next(stream)
+        prompts = ["" if rng.random() < cfg.cfg_drop else s.prompt for s in samples]
+        with torch.no_grad():
+            latents = vae.encode(render_samples(samples)).latent_dist.sample() * vae.config.scaling_factor
+            context = text_encoder(tokenize(tokenizer, prompts).input_ids).last_hidden_state
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        loss = F.mse_loss(unet(noisy, t, context).sample, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ema.step(unet.parameters())
+        progress.step(i, loss.item())
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    metrics = {"steps": cfg.unet_steps, "batch": cfg.unet_batch, "wall_s": round(progress.wall_s, 1), "params": _params(unet)}
+    metrics["final_loss"] = round(float(np.mean(progress.losses[-200:])), 4)
+    return unet, metrics
+
+
+def assemble_pipeline(tokenizer, text_encoder, vae, unet) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=toy_t2i.sample_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def pretrain_t2i(out_dir: str | Path, cfg: T2IPretrainConfig) -> dict:
+    """Train all three parts and save `out_dir/pipeline` (diffusers format) and `out_dir/text_clip` (full CLIP)."""
+    torch.set_num_threads(cfg.threads)
+    out_dir = Path(out_dir)
+    tokenizer = build_word_tokenizer()
+    clip, clip_metrics = train_text_clip(cfg, tokenizer)
+    log.info("text clip: %s", clip_metrics)
+    clip.save_pretrained(out_dir / "text_clip")
+    tokenizer.save_pretrained(out_dir / "text_clip")
+    vae, vae_metrics = train_vae(cfg)
+    log.info("vae: %s", vae_metrics)
+    text_encoder = _text_tower(clip)
+    unet, unet_metrics = train_unet(cfg, tokenizer, text_encoder, vae)
+    log.info("unet: %s", unet_metrics)
+    pipe = assemble_pipeline(tokenizer, text_encoder, vae, unet)
+    pipe.save_pretrained(out_dir / "pipeline")
+    metrics = {"config": asdict(cfg), "text_clip": clip_metrics, "vae": vae_metrics, "unet": unet_metrics}
+    (out_dir / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _text_tower(clip) -> torch.nn.Module:
+    """The CLIP text tower as a standalone `CLIPTextModel` (what SD pipelines load as `text_encoder`)."""
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.text_model.load_state_dict(clip.text_model.state_dict(), strict=True)
+    text_encoder.eval()
+    return text_encoder
