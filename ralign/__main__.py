@@ -1,0 +1,3 @@
+from ralign.cli import main
+
+main()
