@@ -35,7 +35,7 @@ def test_text_clip_loads_offline(monkeypatch):
     assert feats.shape[0] == 2 and torch.isfinite(feats).all()
     # The diffusion text encoder is exactly this CLIP's text tower.
     pipe_te = StableDiffusionPipeline.from_pretrained(BASE, local_files_only=True).text_encoder
-    for (name, a), b in zip(model.text_model.state_dict().items(), pipe_te.text_model.state_dict().values()):
+    for (name, a), b in zip(model.text_model.state_dict().items(), pipe_te.state_dict().values()):
         assert torch.equal(a, b), name
 
 

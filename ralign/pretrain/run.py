@@ -85,8 +85,8 @@ def pretrain_all(out: str | Path, parts: list[str], scale: float = 1.0, seed: in
             vae_steps=max(1, int(base.vae_steps * scale)),
             unet_steps=max(1, int(base.unet_steps * scale)),
         )
+        # A staging directory left by a failed run is resumed: stages finished with the same config are reused.
         staging = out / ".t2i_staging"
-        shutil.rmtree(staging, ignore_errors=True)
         metrics = pretrain_t2i(staging, cfg)
         # Replace the committed models only once the whole run succeeded: no half-written model directories.
         for name, src in (("base", staging / "pipeline"), ("text_clip", staging / "text_clip")):

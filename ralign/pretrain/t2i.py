@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from diffusers.training_utils import EMAModel
+
+from transformers import CLIPModel
 
 from ralign.models import toy_t2i
 from ralign.models.tokenizer import build_word_tokenizer
@@ -227,17 +229,48 @@ def assemble_pipeline(tokenizer, text_encoder, vae, unet) -> StableDiffusionPipe
     )
 
 
+STAGE_FILE = "stage_metrics.json"
+
+
+def _mark_stage(path: Path, cfg: T2IPretrainConfig, metrics: dict) -> None:
+    (path / STAGE_FILE).write_text(json.dumps({"config": asdict(cfg), "metrics": metrics}))
+
+
+def _finished_stage(path: Path, cfg: T2IPretrainConfig) -> dict | None:
+    """Metrics of a stage finished earlier with the same config, else None (then it is trained again)."""
+    try:
+        record = json.loads((path / STAGE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record["metrics"] if record.get("config") == asdict(cfg) else None
+
+
 def pretrain_t2i(out_dir: str | Path, cfg: T2IPretrainConfig) -> dict:
     """Train all three parts and save `out_dir/pipeline` (diffusers format) and `out_dir/text_clip` (full CLIP)."""
     torch.set_num_threads(cfg.threads)
     out_dir = Path(out_dir)
     tokenizer = build_word_tokenizer()
-    clip, clip_metrics = train_text_clip(cfg, tokenizer)
-    log.info("text clip: %s", clip_metrics)
-    clip.save_pretrained(out_dir / "text_clip")
-    tokenizer.save_pretrained(out_dir / "text_clip")
-    vae, vae_metrics = train_vae(cfg)
-    log.info("vae: %s", vae_metrics)
+    # Each finished stage is saved at once and reused by a re-run into the same directory, so a crash in a later
+    # stage does not cost the earlier ones.
+    if _finished_stage(out_dir / "text_clip", cfg):
+        clip = CLIPModel.from_pretrained(out_dir / "text_clip").eval()
+        clip_metrics = _finished_stage(out_dir / "text_clip", cfg)
+        log.info("text clip: reusing %s", out_dir / "text_clip")
+    else:
+        clip, clip_metrics = train_text_clip(cfg, tokenizer)
+        log.info("text clip: %s", clip_metrics)
+        clip.save_pretrained(out_dir / "text_clip")
+        tokenizer.save_pretrained(out_dir / "text_clip")
+        _mark_stage(out_dir / "text_clip", cfg, clip_metrics)
+    if _finished_stage(out_dir / "vae", cfg):
+        vae = AutoencoderKL.from_pretrained(out_dir / "vae").eval()
+        vae_metrics = _finished_stage(out_dir / "vae", cfg)
+        log.info("vae: reusing %s", out_dir / "vae")
+    else:
+        vae, vae_metrics = train_vae(cfg)
+        log.info("vae: %s", vae_metrics)
+        vae.save_pretrained(out_dir / "vae")
+        _mark_stage(out_dir / "vae", cfg, vae_metrics)
     text_encoder = _text_tower(clip)
     unet, unet_metrics = train_unet(cfg, tokenizer, text_encoder, vae)
     log.info("unet: %s", unet_metrics)
@@ -253,6 +286,7 @@ def _text_tower(clip) -> torch.nn.Module:
     from transformers import CLIPTextModel
 
     text_encoder = CLIPTextModel(clip.config.text_config)
-    text_encoder.text_model.load_state_dict(clip.text_model.state_dict(), strict=True)
+    # transformers 5 flattens CLIPTextModel (no `.text_model`); its keys are those of CLIPModel.text_model.
+    text_encoder.load_state_dict(clip.text_model.state_dict(), strict=True)
     text_encoder.eval()
     return text_encoder

@@ -1,0 +1,92 @@
+"""Prompt encoding for the UNet's cross-attention: the pipeline's plain (truncated) encoding, and LongAlign's
+segment-level encoding of prompts longer than the text encoder's token limit.
+
+Segment-level encoding (LongAlign, DESIGN.md section 1): split the prompt into sentences, encode each sentence on its
+own with the frozen text encoder (each restarts its position embeddings), drop every end-of-text and padding token,
+keep each segment's start-of-text token, concatenate along the sequence axis, truncate to a token budget, and pad
+with one shared pad embedding: the mean of the tail (the positions after end-of-text) of the empty prompt's
+encoding. Cross-attention accepts any sequence length, so the UNet is unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
+
+
+def split_segments(prompt: str) -> list[str]:
+    """Sentences of a prompt, split after '.', '!', '?' or ';'; empty pieces dropped; never an empty list."""
+    pieces = [p.strip() for p in _SENTENCE_END.split(prompt.strip())]
+    pieces = [p for p in pieces if p and not re.fullmatch(r"[.!?;\s]*", p)]
+    return pieces or [""]
+
+
+@dataclass
+class PlainEncoder:
+    """The pipeline's own encoding: one pass, truncated at the tokenizer's limit (what SD1.5 does at 77 tokens)."""
+
+    text_encoder: torch.nn.Module
+    tokenizer: object
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.text_encoder.device)
+        return self.text_encoder(ids).last_hidden_state
+
+
+@dataclass
+class SegmentEncoder:
+    """LongAlign's segment-level encoding to a fixed `budget` of tokens (gradients flow if the encoder is trainable)."""
+
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    budget: int
+
+    def __post_init__(self) -> None:
+        if self.budget < self.tokenizer.model_max_length:
+            raise ValueError(f"segment budget {self.budget} is below the encoder's own limit {self.tokenizer.model_max_length}")
+
+    def _special_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        return {i for i in ids if i is not None}
+
+    def pad_embedding(self) -> torch.Tensor:
+        """Mean of the empty prompt's encoding after its end-of-text token: a neutral filler the UNet already knows."""
+        ids = self.tokenizer([""], padding="max_length", max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+        hidden = self.text_encoder(ids.to(self.text_encoder.device)).last_hidden_state[0]
+        eos_pos = int((ids[0] == self.tokenizer.eos_token_id).nonzero()[0])
+        return hidden[eos_pos + 1 :].mean(dim=0)
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        segments_per_prompt = [split_segments(p) for p in prompts]
+        flat = [s for segs in segments_per_prompt for s in segs]
+        ids = self.tokenizer(
+            flat, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.text_encoder.device)
+        hidden = self.text_encoder(ids).last_hidden_state  # one batched pass over every segment of every prompt
+        drop = self._special_ids()
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        for special in drop:
+            keep &= ids != special
+        pad = self.pad_embedding()
+        out, row = [], 0
+        for segs in segments_per_prompt:
+            pieces = [hidden[row + j][keep[row + j]] for j in range(len(segs))]
+            row += len(segs)
+            seq = torch.cat(pieces, dim=0)[: self.budget]
+            if seq.shape[0] < self.budget:
+                seq = torch.cat([seq, pad.expand(self.budget - seq.shape[0], -1)], dim=0)
+            out.append(seq)
+        return torch.stack(out)
+
+    def token_count(self, prompt: str) -> int:
+        """Tokens of the concatenation before truncation (what the budget is compared with)."""
+        ids = self.tokenizer(split_segments(prompt), truncation=True, max_length=self.tokenizer.model_max_length).input_ids
+        drop = self._special_ids()
+        return sum(sum(1 for i in seg if i not in drop) for seg in ids)

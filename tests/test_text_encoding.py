@@ -1,0 +1,75 @@
+"""LongAlign segment-level encoding on a tiny random text encoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ralign.models.tokenizer import build_word_tokenizer
+from ralign.text_encoding import PlainEncoder, SegmentEncoder, split_segments
+
+
+@pytest.fixture(scope="module")
+def parts():
+    tok = build_word_tokenizer()
+    torch.manual_seed(0)
+    te = CLIPTextModel(
+        CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       max_position_embeddings=tok.model_max_length, pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    ).eval()
+    return te, tok
+
+
+def test_split_segments():
+    assert split_segments("a red circle. a blue square; two circles!  ") == ["a red circle.", "a blue square;", "two circles!"]
+    assert split_segments("a red circle") == ["a red circle"]
+    assert split_segments("") == [""]
+    assert split_segments(" . ; ") == [""]
+
+
+def test_short_prompt_is_plain_encoding_then_pad(parts):
+    te, tok = parts
+    enc = SegmentEncoder(te, tok, budget=48)
+    with torch.no_grad():
+        seg = enc(["a red circle"])[0]
+        plain = PlainEncoder(te, tok)(["a red circle"])[0]
+        pad = enc.pad_embedding()
+    assert seg.shape == (48, 32)
+    assert torch.allclose(seg[:4], plain[:4], atol=1e-6)  # start token + 3 words; end-of-text dropped
+    assert torch.allclose(seg[4:], pad.expand(44, -1))
+
+
+def test_each_sentence_restarts_positions(parts):
+    te, tok = parts
+    enc = SegmentEncoder(te, tok, budget=96)
+    first, second = "there is a small red circle.", "a large blue square is also in the picture."
+    with torch.no_grad():
+        both = enc([f"{first} {second}"])[0]
+        a = PlainEncoder(te, tok)([first])[0]
+        b = PlainEncoder(te, tok)([second])[0]
+    n_a, n_b = len(tok(first).input_ids) - 1, len(tok(second).input_ids) - 1  # minus end-of-text
+    assert torch.allclose(both[:n_a], a[:n_a], atol=1e-6)
+    assert torch.allclose(both[n_a : n_a + n_b], b[:n_b], atol=1e-6)
+    assert enc.token_count(f"{first} {second}") == n_a + n_b
+    # the second segment keeps its own start-of-text token
+    assert torch.allclose(both[n_a], a[0], atol=1e-6)
+
+
+def test_budget_truncates_and_gradients_flow(parts):
+    te, tok = parts
+    enc = SegmentEncoder(te, tok, budget=24)
+    long = " ".join(["there is a small red circle."] * 8)
+    assert enc.token_count(long) > 24
+    out = enc([long, "a red circle"])
+    assert out.shape == (2, 24, 32)
+    out.sum().backward()
+    assert te.embeddings.token_embedding.weight.grad.abs().sum() > 0
+    te.zero_grad()
+
+
+def test_budget_below_limit_is_refused(parts):
+    te, tok = parts
+    with pytest.raises(ValueError, match="below the encoder's own limit"):
+        SegmentEncoder(te, tok, budget=8)
