@@ -99,3 +99,33 @@ def train_scheduler() -> DDPMScheduler:
 
 def sample_scheduler() -> DDIMScheduler:
     return DDIMScheduler(**SCHEDULER_KWARGS, set_alpha_to_one=False, steps_offset=1)
+
+
+def tiny_random_pipeline(seed: int = 0):
+    """A randomly initialised pipeline, smaller still than the toy model, for unit tests of code paths (not quality)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ralign.models.tokenizer import build_word_tokenizer
+
+    torch.manual_seed(seed)
+    tok = build_word_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       max_position_embeddings=tok.model_max_length, pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    )
+    vae_model = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=LATENT_CHANNELS, norm_num_groups=4, sample_size=IMAGE_SIZE,
+    )
+    unet_model = UNet2DConditionModel(
+        sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, block_out_channels=(16, 32),
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8,
+    )
+    return StableDiffusionPipeline(
+        vae=vae_model, text_encoder=text_encoder.eval(), tokenizer=tok, unet=unet_model, scheduler=sample_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )

@@ -1,0 +1,155 @@
+"""The diffusion policy that every algorithm trains: a pipeline's parts plus LoRA adapters (peft) on the UNet and/or
+a trainable text encoder, with the pretrained policy available by switching the adapters off (no second copy).
+
+Weights that move between processes are only the trainable ones (`trainable_state`), tagged with a version, so a
+sampler can be brought up to date by sending a few MB of adapter tensors instead of the whole model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from peft import LoraConfig
+
+from ralign.sampler import Trajectory, decode_latents, guided_noise, initial_noise, sample_chain
+from ralign.text_encoding import PlainEncoder, SegmentEncoder
+
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class PolicyConfig:
+    unet_lora_rank: int = 8  # 0 = UNet frozen
+    unet_lora_alpha: float | None = None  # None = rank (scale 1)
+    text_encoder: str = "frozen"  # frozen | full | lora
+    text_lora_rank: int = 8
+    text_encoding: str = "plain"  # plain | segment (LongAlign)
+    segment_budget: int = 96
+    steps: int = 20
+    eta: float = 1.0
+    guidance: float = 5.0
+    lora_targets: tuple[str, ...] = field(default=UNET_LORA_TARGETS)
+
+
+class DiffusionPolicy:
+    def __init__(self, pipe: StableDiffusionPipeline, cfg: PolicyConfig):
+        self.cfg = cfg
+        self.unet = pipe.unet
+        self.vae = pipe.vae
+        self.tokenizer = pipe.tokenizer
+        self.text_encoder = pipe.text_encoder
+        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.version = 0
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        if cfg.unet_lora_rank > 0:
+            self.unet.add_adapter(
+                LoraConfig(
+                    r=cfg.unet_lora_rank,
+                    lora_alpha=cfg.unet_lora_alpha or cfg.unet_lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=list(cfg.lora_targets),
+                )
+            )
+        if cfg.text_encoder == "full":
+            # The original encoder stays available for TextCraftor's no-gradient prefix and for interpolation.
+            self.original_text_encoder = copy.deepcopy(self.text_encoder).requires_grad_(False)
+            self.text_encoder.requires_grad_(True)
+        elif cfg.text_encoder == "lora":
+            self.text_encoder.add_adapter(
+                LoraConfig(r=cfg.text_lora_rank, lora_alpha=cfg.text_lora_rank, init_lora_weights="gaussian",
+                           target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+            )
+            self.original_text_encoder = None
+        elif cfg.text_encoder == "frozen":
+            self.original_text_encoder = None
+        else:
+            raise ValueError(f"text_encoder must be frozen, full or lora, got {cfg.text_encoder!r}")
+
+    # ---- text ---------------------------------------------------------------------------------------------------
+    def _encoder_for(self, text_encoder: torch.nn.Module):
+        if self.cfg.text_encoding == "segment":
+            return SegmentEncoder(text_encoder, self.tokenizer, self.cfg.segment_budget)
+        if self.cfg.text_encoding == "plain":
+            return PlainEncoder(text_encoder, self.tokenizer)
+        raise ValueError(f"text_encoding must be plain or segment, got {self.cfg.text_encoding!r}")
+
+    def encode(self, prompts: Sequence[str], original: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond) embeddings; `original=True` uses the pretrained text encoder (TextCraftor's prefix)."""
+        encoder_module = self.text_encoder
+        if original:
+            encoder_module = self.original_text_encoder if self.original_text_encoder is not None else self.text_encoder
+        encoder = self._encoder_for(encoder_module)
+        ctx = self.reference() if original and self.cfg.text_encoder == "lora" else contextlib.nullcontext()
+        with ctx:
+            cond = encoder(list(prompts))
+            uncond = encoder([""] * len(prompts))
+        return cond, uncond
+
+    # ---- pretrained policy --------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Inside this block the policy is the pretrained model: adapters are off (no second copy in memory)."""
+        toggled = []
+        for module in (self.unet, self.text_encoder):
+            if getattr(module, "_hf_peft_config_loaded", False):
+                module.disable_adapters()
+                toggled.append(module)
+        try:
+            yield
+        finally:
+            for module in toggled:
+                module.enable_adapters()
+
+    # ---- sampling -----------------------------------------------------------------------------------------------
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.unet.config
+        return (c.in_channels, c.sample_size, c.sample_size)
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], *, decode: bool = True, steps: int | None = None) -> Trajectory:
+        steps = steps or self.cfg.steps
+        cond, uncond = self.encode(prompts)
+        x_T = initial_noise(self.latent_shape(), seeds, dtype=cond.dtype)
+        # Step noise from one generator seeded by the batch's seeds: reproducible rollouts for a given seed list.
+        gen = torch.Generator().manual_seed(int(sum(int(s) * 1_000_003**i for i, s in enumerate(seeds)) % 2**63))
+        latents, log_probs, means, stds, ts = sample_chain(
+            self.unet, self.scheduler, cond, uncond, x_T, steps=steps, eta=self.cfg.eta, guidance=self.cfg.guidance, generator=gen
+        )
+        images = decode_latents(self.vae, latents[:, -1]) if decode else None
+        return Trajectory(list(prompts), latents, log_probs, means, stds, ts, images)
+
+    def noise_pred(self, latents: torch.Tensor, timestep: int, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        return guided_noise(self.unet, latents, timestep, cond, uncond, self.cfg.guidance)
+
+    # ---- trainable weights --------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for m in (self.unet, self.text_encoder) for p in m.parameters() if p.requires_grad]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Only the trainable tensors (LoRA factors, or the full text encoder), keyed by module prefix."""
+        out = {}
+        for prefix, module in (("unet", self.unet), ("text_encoder", self.text_encoder)):
+            for name, p in module.named_parameters():
+                if p.requires_grad:
+                    out[f"{prefix}.{name}"] = p.detach().clone()
+        return out
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor], version: int) -> None:
+        params = {f"unet.{n}": p for n, p in self.unet.named_parameters()}
+        params.update({f"text_encoder.{n}": p for n, p in self.text_encoder.named_parameters()})
+        missing = [k for k in state if k not in params]
+        if missing:
+            raise ValueError(f"weights do not fit this policy: unknown tensors {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        with torch.no_grad():
+            for k, v in state.items():
+                if params[k].shape != v.shape:
+                    raise ValueError(f"weights do not fit this policy: {k} has shape {tuple(v.shape)}, expected {tuple(params[k].shape)}")
+                params[k].copy_(v)
+        self.version = version
