@@ -1,0 +1,298 @@
+"""Sampler and reward actors, and the asynchronous rollout pipeline that connects them.
+
+The actors are thin shells: a `SamplerActor` owns a `DiffusionPolicy` and turns (ids, prompts, seeds) into
+trajectories; a `RewardActor` owns a reward and scores finished rollouts. The `RolloutPipeline` (driver side) keeps
+samplers busy without waiting for rewards: a finished rollout goes to a reward actor at once and its sampler gets the
+next request. Three bounds make it safe to run for hours:
+- at most `max_inflight_per_sampler` requests per sampler;
+- at most `max_unconsumed` rollouts produced but not yet consumed by the learner (back-pressure: when the learner
+  lags, samplers are simply not given new work);
+- rollouts whose policy version is more than `max_staleness` behind the learner are dropped and counted.
+A ledger records every rollout id as issued / produced / scored / consumed / dropped / quarantined, so tests (and
+operators) can check that each is trained on at most once and none goes missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RolloutRequest:
+    ids: list[int]
+    prompts: list[str]
+    seeds: list[int]
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled chains, as numpy arrays (zero-copy through Ray's object store)."""
+
+    ids: list[int]
+    prompts: list[str]
+    seeds: list[int]
+    version: int
+    latents: np.ndarray  # (B, K+1, C, H, W) float32
+    log_probs: np.ndarray  # (B, K)
+    timesteps: np.ndarray  # (K,)
+    images: np.ndarray  # (B, H, W, 3) uint8
+    sample_s: float = 0.0
+    scores: np.ndarray | None = None  # (B,)
+    components: dict[str, np.ndarray] = field(default_factory=dict)
+    score_s: float = 0.0
+
+
+def _set_threads(threads: int) -> None:
+    # Each actor gets its share of the cores; without this every actor's torch would spawn one thread per core and
+    # oversubscribe the machine.
+    torch.set_num_threads(max(1, threads))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, threads))
+
+
+def build_policy(spec: dict):
+    """A DiffusionPolicy from a plain-dict spec: {"pipeline": name-or-path, "policy": {...PolicyConfig fields}}."""
+    from ralign.models.pipeline import load_pipeline
+    from ralign.models.toy_t2i import tiny_random_pipeline
+    from ralign.policy import DiffusionPolicy, PolicyConfig
+
+    name = spec.get("pipeline", "base")
+    pipe = tiny_random_pipeline(int(spec.get("seed", 0))) if name == "tiny-random" else load_pipeline(name)
+    return DiffusionPolicy(pipe, PolicyConfig(**spec.get("policy", {})))
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class SamplerActor:
+    def __init__(self, policy_spec: dict, threads: int = 1):
+        _set_threads(threads)
+        torch.manual_seed(0)  # LoRA initialisation identical across samplers and learner
+        self.policy = build_policy(policy_spec)
+
+    def set_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+        self.policy.load_trainable_state(state, version)
+        return version
+
+    def version(self) -> int:
+        return self.policy.version
+
+    def rollout(self, request: RolloutRequest) -> Rollout:
+        start = time.perf_counter()
+        traj = self.policy.sample(request.prompts, request.seeds)
+        images = (traj.images.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        return Rollout(
+            ids=list(request.ids), prompts=list(request.prompts), seeds=list(request.seeds), version=self.policy.version,
+            latents=traj.latents.numpy(), log_probs=traj.log_probs.numpy(), timesteps=traj.timesteps.numpy(),
+            images=images, sample_s=time.perf_counter() - start,
+        )
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class RewardActor:
+    def __init__(self, reward_spec: dict, threads: int = 1):
+        _set_threads(threads)
+        from ralign.rewards.registry import build_reward
+
+        self.reward = build_reward(reward_spec)
+
+    @torch.no_grad()
+    def score(self, rollout: Rollout) -> Rollout:
+        start = time.perf_counter()
+        images = torch.from_numpy(rollout.images).permute(0, 3, 1, 2).float() / 255.0
+        out = self.reward(images, rollout.prompts)
+        rollout.scores = out.score.float().numpy()
+        rollout.components = {k: v.float().numpy() for k, v in out.components.items()}
+        rollout.score_s = time.perf_counter() - start
+        return rollout
+
+
+@dataclass
+class Ledger:
+    issued: set[int] = field(default_factory=set)
+    produced: set[int] = field(default_factory=set)
+    scored: set[int] = field(default_factory=set)
+    consumed: list[int] = field(default_factory=list)  # a list, so a double consumption would show
+    dropped_stale: set[int] = field(default_factory=set)
+    quarantined: set[int] = field(default_factory=set)
+    lost: set[int] = field(default_factory=set)
+
+    def check(self) -> None:
+        """Every consumed id was scored, none twice; nothing is both consumed and dropped."""
+        if len(self.consumed) != len(set(self.consumed)):
+            raise AssertionError("a rollout was consumed twice")
+        consumed = set(self.consumed)
+        if not consumed <= self.scored:
+            raise AssertionError("a rollout was consumed without a score")
+        if consumed & (self.dropped_stale | self.quarantined):
+            raise AssertionError("a dropped rollout was consumed")
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "issued": len(self.issued), "produced": len(self.produced), "scored": len(self.scored),
+            "consumed": len(self.consumed), "dropped_stale": len(self.dropped_stale),
+            "quarantined": len(self.quarantined), "lost": len(self.lost),
+        }
+
+
+@dataclass
+class PipelineConfig:
+    batch_per_request: int = 4
+    max_inflight_per_sampler: int = 1
+    max_unconsumed: int = 8  # rollout batches produced but not yet taken by the learner
+    max_staleness: int = 1  # versions
+    wait_timeout_s: float = 600.0
+
+
+class RolloutPipeline:
+    """Driver-side pump: issues requests, routes finished rollouts to reward actors, hands scored ones out."""
+
+    def __init__(self, samplers: list, rewards: list, prompt_source, cfg: PipelineConfig):
+        if not samplers or not rewards:
+            raise ValueError("the pipeline needs at least one sampler and one reward actor")
+        self.samplers, self.rewards, self.cfg = samplers, rewards, cfg
+        self.prompt_source = prompt_source  # callable(n) -> (prompts, seeds)
+        self.ledger = Ledger()
+        self.next_id = 0
+        self.sampling: dict[Any, int] = {}  # ref -> sampler index
+        self.scoring: dict[Any, int] = {}  # ref -> reward index
+        self.reward_load = [0] * len(rewards)
+        self.ready: deque[Rollout] = deque()
+        self.learner_version = 0
+        self.requests: dict[Any, RolloutRequest] = {}
+        self.wait_s = {"learner": 0.0}
+        self.stats = {"sample_s": 0.0, "score_s": 0.0}
+
+    # -- bookkeeping ---------------------------------------------------------------------------------------------
+    def _unconsumed(self) -> int:
+        return len(self.sampling) + len(self.scoring) + len(self.ready)
+
+    def _issue(self) -> None:
+        per_sampler = [0] * len(self.samplers)
+        for idx in self.sampling.values():
+            per_sampler[idx] += 1
+        for idx, sampler in enumerate(self.samplers):
+            while per_sampler[idx] < self.cfg.max_inflight_per_sampler and self._unconsumed() < self.cfg.max_unconsumed:
+                prompts, seeds = self.prompt_source(self.cfg.batch_per_request)
+                ids = list(range(self.next_id, self.next_id + len(prompts)))
+                self.next_id += len(prompts)
+                request = RolloutRequest(ids, list(prompts), list(seeds))
+                ref = sampler.rollout.remote(request)
+                self.sampling[ref] = idx
+                self.requests[ref] = request
+                self.ledger.issued.update(ids)
+                per_sampler[idx] += 1
+
+    def _route(self, ref) -> None:
+        if ref in self.sampling:
+            self.sampling.pop(ref)
+            request = self.requests.pop(ref)
+            try:
+                rollout: Rollout = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                # The sampler died mid-request: those ids are lost (never scored or trained on); it restarts.
+                log.warning("sampler request %s..%s lost: %s", request.ids[0], request.ids[-1], exc.__class__.__name__)
+                self.ledger.lost.update(request.ids)
+                return
+            self.ledger.produced.update(rollout.ids)
+            self.stats["sample_s"] += rollout.sample_s
+            target = int(np.argmin(self.reward_load))
+            self.reward_load[target] += 1
+            score_ref = self.rewards[target].score.remote(rollout)
+            self.scoring[score_ref] = target
+            self.requests[score_ref] = RolloutRequest(rollout.ids, rollout.prompts, rollout.seeds)
+        else:
+            target = self.scoring.pop(ref)
+            self.reward_load[target] -= 1
+            request = self.requests.pop(ref)
+            try:
+                rollout = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                log.warning("reward for %s..%s lost: %s", request.ids[0], request.ids[-1], exc.__class__.__name__)
+                self.ledger.lost.update(request.ids)
+                return
+            self.stats["score_s"] += rollout.score_s
+            bad = ~np.isfinite(rollout.scores)
+            for comp in rollout.components.values():
+                bad |= ~np.isfinite(comp)
+            self.ledger.scored.update(i for i, b in zip(rollout.ids, bad) if not b)
+            self.ledger.quarantined.update(i for i, b in zip(rollout.ids, bad) if b)
+            if bad.any():
+                log.warning("quarantined %d samples with non-finite rewards: %s", int(bad.sum()),
+                            [p for p, b in zip(rollout.prompts, bad) if b][:3])
+                keep = ~bad
+                rollout = _subset(rollout, keep)
+                if not rollout.ids:
+                    return
+            self.ready.append(rollout)
+
+    def pump(self, timeout: float = 0.0) -> None:
+        self._issue()
+        refs = list(self.sampling) + list(self.scoring)
+        if not refs:
+            return
+        done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        for ref in done:
+            self._route(ref)
+        # Collect anything else already finished without blocking.
+        more, _ = ray.wait([r for r in refs if r not in done], num_returns=len(refs) - len(done), timeout=0)
+        for ref in more:
+            self._route(ref)
+        self._issue()
+
+    # -- learner side --------------------------------------------------------------------------------------------
+    def set_learner_version(self, version: int) -> None:
+        self.learner_version = version
+
+    def get(self, min_samples: int) -> list[Rollout]:
+        """Scored, fresh-enough rollouts totalling at least `min_samples` samples (blocks, pumping, until then)."""
+        out, count = [], 0
+        start = time.perf_counter()
+        while count < min_samples:
+            if time.perf_counter() - start > self.cfg.wait_timeout_s:
+                raise TimeoutError(f"no scored rollouts within {self.cfg.wait_timeout_s}s: {self.ledger.summary()}")
+            if not self.ready:
+                self.pump(timeout=1.0)
+                continue
+            rollout = self.ready.popleft()
+            if self.learner_version - rollout.version > self.cfg.max_staleness:
+                self.ledger.dropped_stale.update(rollout.ids)
+                continue
+            self.ledger.consumed.extend(rollout.ids)
+            out.append(rollout)
+            count += len(rollout.ids)
+            self._issue()
+        self.wait_s["learner"] += time.perf_counter() - start
+        return out
+
+    def broadcast(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """New trainable weights to every sampler (one object-store copy shared by all)."""
+        ref = ray.put(state)
+        ray.get([s.set_weights.remote(ref, version) for s in self.samplers])
+        self.learner_version = version
+
+    def drain(self) -> None:
+        """Wait for every in-flight request so the ledger is final (at shutdown)."""
+        while self.sampling or self.scoring:
+            self.pump(timeout=1.0)
+        # Produced-and-scored rollouts that no learner took are accounted as dropped at shutdown.
+        while self.ready:
+            self.ledger.dropped_stale.update(self.ready.popleft().ids)
+
+
+def _subset(rollout: Rollout, keep: np.ndarray) -> Rollout:
+    idx = np.nonzero(keep)[0]
+    return Rollout(
+        ids=[rollout.ids[i] for i in idx], prompts=[rollout.prompts[i] for i in idx], seeds=[rollout.seeds[i] for i in idx],
+        version=rollout.version, latents=rollout.latents[idx], log_probs=rollout.log_probs[idx], timesteps=rollout.timesteps,
+        images=rollout.images[idx], sample_s=rollout.sample_s, scores=rollout.scores[idx],
+        components={k: v[idx] for k, v in rollout.components.items()}, score_s=rollout.score_s,
+    )
