@@ -42,12 +42,13 @@ class T2IPretrainConfig:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 5000
+    unet_steps: int = 3000
     unet_batch: int = 64
     unet_lr: float = 5e-4
     unet_ema_decay: float = 0.999
     cfg_drop: float = 0.1  # fraction of captions replaced by "" so the model also learns the unconditional score
     log_every: int = 100
+    snapshot_every: int = 500
     threads: int = 2
 
 
@@ -179,7 +180,7 @@ def _calibrate_vae(vae, seed: int) -> dict:
     return {"recon_psnr_db": round(psnr, 2), "scaling_factor": round(scale, 5)}
 
 
-def train_unet(cfg: T2IPretrainConfig, tokenizer, text_encoder, vae) -> tuple[torch.nn.Module, dict]:
+def train_unet(cfg: T2IPretrainConfig, tokenizer, text_encoder, vae, snapshot_dir: Path | None = None) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(cfg.seed)
     unet = toy_t2i.unet()
     noise_scheduler = toy_t2i.train_scheduler()
@@ -209,6 +210,12 @@ def train_unet(cfg: T2IPretrainConfig, tokenizer, text_encoder, vae) -> tuple[to
         opt.zero_grad(set_to_none=True)
         ema.step(unet.parameters())
         progress.step(i, loss.item())
+        if snapshot_dir is not None and (i + 1) % cfg.snapshot_every == 0:
+            # EMA weights so far: a long run that has to stop early still leaves a usable model.
+            ema.store(unet.parameters())
+            ema.copy_to(unet.parameters())
+            unet.save_pretrained(snapshot_dir / f"unet_step{i + 1}")
+            ema.restore(unet.parameters())
     ema.copy_to(unet.parameters())
     unet.eval()
     metrics = {"steps": cfg.unet_steps, "batch": cfg.unet_batch, "wall_s": round(progress.wall_s, 1), "params": _params(unet)}
@@ -272,7 +279,7 @@ def pretrain_t2i(out_dir: str | Path, cfg: T2IPretrainConfig) -> dict:
         vae.save_pretrained(out_dir / "vae")
         _mark_stage(out_dir / "vae", cfg, vae_metrics)
     text_encoder = _text_tower(clip)
-    unet, unet_metrics = train_unet(cfg, tokenizer, text_encoder, vae)
+    unet, unet_metrics = train_unet(cfg, tokenizer, text_encoder, vae, snapshot_dir=out_dir / "snapshots")
     log.info("unet: %s", unet_metrics)
     pipe = assemble_pipeline(tokenizer, text_encoder, vae, unet)
     pipe.save_pretrained(out_dir / "pipeline")
