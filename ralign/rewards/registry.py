@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ralign.rewards.clip_score import ClipScoreReward, PreferenceReward
 from ralign.rewards.colorfulness import ColorfulnessReward
 
 _BUILDERS: dict[str, Callable[..., object]] = {
     "colorfulness": ColorfulnessReward,
+    "clip_score": ClipScoreReward,
+    "preference": PreferenceReward,
 }
 
 
