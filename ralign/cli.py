@@ -83,12 +83,13 @@ def world_pretrain(
     only: Annotated[str, typer.Option(help="Comma list of: t2i, reward_clip, preference, captioner, segmenter.")] = "t2i,reward_clip,preference,captioner,segmenter",
     scale: Annotated[float, typer.Option(min=0.001, help="Multiply every step count (e.g. 0.01 for a smoke run).")] = 1.0,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+    unet_init: Annotated[Optional[str], typer.Option(help="Continue the UNet from this diffusers UNet dir (e.g. ralign/toy_models/base/unet).")] = None,
 ) -> None:
     """Train the toy models from scratch on renders of the toy world (the committed ones were made by this)."""
     _setup_logging()
     from ralign.pretrain.run import pretrain_all
 
-    results = pretrain_all(out, [p.strip() for p in only.split(",") if p.strip()], scale=scale, seed=seed)
+    results = pretrain_all(out, [p.strip() for p in only.split(",") if p.strip()], scale=scale, seed=seed, unet_init=unet_init)
     typer.echo(json.dumps(results, indent=2))
 
 

@@ -70,7 +70,7 @@ UNet: `UNet2DConditionModel` with cross-attention. Sampling scheduler: DDIM; tra
 TOKEN_LIMIT = 24
 
 
-def pretrain_all(out: str | Path, parts: list[str], scale: float = 1.0, seed: int = 0) -> dict:
+def pretrain_all(out: str | Path, parts: list[str], scale: float = 1.0, seed: int = 0, unet_init: str | None = None) -> dict:
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"unknown pretraining part(s) {unknown}; expected some of {list(PARTS)}")
@@ -78,7 +78,7 @@ def pretrain_all(out: str | Path, parts: list[str], scale: float = 1.0, seed: in
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     if "t2i" in parts:
-        base = T2IPretrainConfig(seed=seed)
+        base = T2IPretrainConfig(seed=seed, unet_init=unet_init)
         cfg = replace(
             base,
             clip_steps=max(1, int(base.clip_steps * scale)),

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
 from transformers import CLIPModel
@@ -49,6 +49,9 @@ class T2IPretrainConfig:
     cfg_drop: float = 0.1  # fraction of captions replaced by "" so the model also learns the unconditional score
     log_every: int = 100
     snapshot_every: int = 500
+    # Warm start: a UNet directory (diffusers format) to continue from instead of a random init, so pretraining can
+    # be spread over several sessions on a small machine (each run's EMA weights are the next run's start).
+    unet_init: str | None = None
     threads: int = 2
 
 
@@ -182,7 +185,11 @@ def _calibrate_vae(vae, seed: int) -> dict:
 
 def train_unet(cfg: T2IPretrainConfig, tokenizer, text_encoder, vae, snapshot_dir: Path | None = None) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(cfg.seed)
-    unet = toy_t2i.unet()
+    if cfg.unet_init:
+        unet = UNet2DConditionModel.from_pretrained(cfg.unet_init, use_safetensors=True)
+        log.info("unet: continuing from %s", cfg.unet_init)
+    else:
+        unet = toy_t2i.unet()
     noise_scheduler = toy_t2i.train_scheduler()
     ema = EMAModel(unet.parameters(), decay=cfg.unet_ema_decay, model_cls=type(unet), model_config=unet.config)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.0)
