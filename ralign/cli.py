@@ -83,13 +83,16 @@ def world_pretrain(
     only: Annotated[str, typer.Option(help="Comma list of: t2i, reward_clip, preference, captioner, segmenter.")] = "t2i,reward_clip,preference,captioner,segmenter",
     scale: Annotated[float, typer.Option(min=0.001, help="Multiply every step count (e.g. 0.01 for a smoke run).")] = 1.0,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
-    unet_init: Annotated[Optional[str], typer.Option(help="Continue the UNet from this diffusers UNet dir (e.g. ralign/toy_models/base/unet).")] = None,
+    unet_init: Annotated[Optional[str], typer.Option(help="Start the UNet from this diffusers UNet dir instead of a random init.")] = None,
+    continue_unet: Annotated[int, typer.Option(min=0, help="With t2i: train the UNet of OUT/base for this many more steps, keeping its text encoder and VAE.")] = 0,
+    unet_lr: Annotated[Optional[float], typer.Option(help="UNet learning rate (default: the pretraining config's).")] = None,
 ) -> None:
     """Train the toy models from scratch on renders of the toy world (the committed ones were made by this)."""
     _setup_logging()
     from ralign.pretrain.run import pretrain_all
 
-    results = pretrain_all(out, [p.strip() for p in only.split(",") if p.strip()], scale=scale, seed=seed, unet_init=unet_init)
+    results = pretrain_all(out, [p.strip() for p in only.split(",") if p.strip()], scale=scale, seed=seed, unet_init=unet_init,
+                           continue_unet_steps=continue_unet, unet_lr=unet_lr)
     typer.echo(json.dumps(results, indent=2))
 
 

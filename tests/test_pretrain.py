@@ -20,3 +20,18 @@ def test_tiny_t2i_pretraining_produces_a_loadable_pipeline(tmp_path):
     metrics = json.loads((tmp_path / "base" / "pretrain_metrics.json").read_text())
     assert metrics["vae"]["scaling_factor"] > 0
     assert not (tmp_path / ".t2i_staging").exists()
+
+
+def test_continuing_the_unet_keeps_text_encoder_and_vae_and_counts_steps(tmp_path):
+    first = pretrain_all(tmp_path, ["t2i"], scale=0.002)
+    before = StableDiffusionPipeline.from_pretrained(tmp_path / "base", local_files_only=True)
+    more = pretrain_all(tmp_path, ["t2i"], continue_unet_steps=2, unet_lr=1e-3)
+    after = StableDiffusionPipeline.from_pretrained(tmp_path / "base", local_files_only=True)
+    assert more["t2i"]["unet"]["steps"] == first["t2i"]["unet"]["steps"] + 2
+    assert [r["steps"] for r in more["t2i"]["unet"]["runs"]] == [first["t2i"]["unet"]["steps"], 2]
+    for name in ("vae", "text_encoder"):
+        a, b = getattr(before, name).state_dict(), getattr(after, name).state_dict()
+        assert all((a[k] == b[k]).all() for k in a)
+    unet_a, unet_b = before.unet.state_dict(), after.unet.state_dict()
+    assert any((unet_a[k] != unet_b[k]).any() for k in unet_a)
+    assert "run 2: 2 steps, lr 0.001" in (tmp_path / "base" / "MODEL_CARD.md").read_text()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ralign.pretrain.t2i import T2IPretrainConfig, pretrain_t2i
+from ralign.pretrain.t2i import T2IPretrainConfig, continue_unet, pretrain_t2i
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,16 @@ def machine_description() -> str:
 
 def dir_size_mb(path: Path) -> float:
     return round(sum(p.stat().st_size for p in Path(path).rglob("*.safetensors")) / 2**20, 2)
+
+
+def _unet_runs(unet: dict) -> str:
+    runs = unet.get("runs") or []
+    if len(runs) < 2:
+        return ""
+    lines = "".join(
+        f"\n  - run {i + 1}: {r['steps']} steps, lr {r['lr']}, wall {r['wall_s']} s, final MSE {r['final_loss']}" for i, r in enumerate(runs)
+    )
+    return "\n  Trained in several runs, each continuing from the previous one's EMA weights (`--continue-unet`):" + lines
 
 
 def write_t2i_cards(out: Path, metrics: dict) -> None:
@@ -59,7 +69,7 @@ UNet: `UNet2DConditionModel` with cross-attention. Sampling scheduler: DDIM; tra
   {vae['params']:,} parameters; reconstruction PSNR {vae['recon_psnr_db']} dB on held-out renders;
   latent scaling factor {vae['scaling_factor']} (unit variance).
 - UNet: {unet['steps']} steps, batch {unet['batch']}, AdamW lr {cfg['unet_lr']}, cosine, EMA {cfg['unet_ema_decay']},
-  wall {unet['wall_s']} s, {unet['params']:,} parameters, final noise-prediction MSE {unet['final_loss']}.
+  wall {unet['wall_s']} s, {unet['params']:,} parameters, final noise-prediction MSE {unet['final_loss']}.{_unet_runs(unet)}
 - Machine: {machine_description()}.
 - Oracle metrics on held-out `test` prompts: see `eval_test.json` beside this card (written by `ralign eval`).
 """,
@@ -70,14 +80,45 @@ UNet: `UNet2DConditionModel` with cross-attention. Sampling scheduler: DDIM; tra
 TOKEN_LIMIT = 24
 
 
-def pretrain_all(out: str | Path, parts: list[str], scale: float = 1.0, seed: int = 0, unet_init: str | None = None) -> dict:
+def _install_pipeline(out: Path, staging: Path, metrics: dict) -> None:
+    # Replace the committed models only once the whole run succeeded: no half-written model directories.
+    names = [("base", staging / "pipeline")]
+    if (staging / "text_clip").exists():
+        names.append(("text_clip", staging / "text_clip"))
+    for name, src in names:
+        shutil.rmtree(out / name, ignore_errors=True)
+        shutil.move(str(src), str(out / name))
+    (out / "base" / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2))
+    shutil.rmtree(staging, ignore_errors=True)
+    write_t2i_cards(out, metrics)
+
+
+def pretrain_all(
+    out: str | Path,
+    parts: list[str],
+    scale: float = 1.0,
+    seed: int = 0,
+    unet_init: str | None = None,
+    continue_unet_steps: int = 0,
+    unet_lr: float | None = None,
+) -> dict:
+    """Train the requested parts into `out`. `continue_unet_steps > 0` (with part t2i) instead trains the UNet of the
+    pipeline already in `out/base` for that many more steps, keeping its text encoder and VAE."""
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"unknown pretraining part(s) {unknown}; expected some of {list(PARTS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
-    if "t2i" in parts:
+    if "t2i" in parts and continue_unet_steps > 0:
+        cfg = T2IPretrainConfig(seed=seed, unet_steps=continue_unet_steps)
+        if unet_lr is not None:
+            cfg = replace(cfg, unet_lr=unet_lr)
+        staging = out / ".t2i_staging"
+        metrics = continue_unet(out / "base", staging, cfg)
+        _install_pipeline(out, staging, metrics)
+        results["t2i"] = {k: v for k, v in metrics.items() if k != "config"}
+    elif "t2i" in parts:
         base = T2IPretrainConfig(seed=seed, unet_init=unet_init)
         cfg = replace(
             base,
@@ -88,13 +129,7 @@ def pretrain_all(out: str | Path, parts: list[str], scale: float = 1.0, seed: in
         # A staging directory left by a failed run is resumed: stages finished with the same config are reused.
         staging = out / ".t2i_staging"
         metrics = pretrain_t2i(staging, cfg)
-        # Replace the committed models only once the whole run succeeded: no half-written model directories.
-        for name, src in (("base", staging / "pipeline"), ("text_clip", staging / "text_clip")):
-            shutil.rmtree(out / name, ignore_errors=True)
-            shutil.move(str(src), str(out / name))
-        (out / "base" / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2))
-        shutil.rmtree(staging, ignore_errors=True)
-        write_t2i_cards(out, metrics)
+        _install_pipeline(out, staging, metrics)
         results["t2i"] = {k: v for k, v in metrics.items() if k != "config"}
         results["t2i"]["config"] = asdict(cfg)
     for part in parts:

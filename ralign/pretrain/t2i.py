@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -291,6 +291,32 @@ def pretrain_t2i(out_dir: str | Path, cfg: T2IPretrainConfig) -> dict:
     pipe = assemble_pipeline(tokenizer, text_encoder, vae, unet)
     pipe.save_pretrained(out_dir / "pipeline")
     metrics = {"config": asdict(cfg), "text_clip": clip_metrics, "vae": vae_metrics, "unet": unet_metrics}
+    (out_dir / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def continue_unet(pipeline_dir: str | Path, out_dir: str | Path, cfg: T2IPretrainConfig) -> dict:
+    """Train the UNet of an existing toy pipeline for `cfg.unet_steps` more steps; text encoder and VAE stay as they are.
+
+    Pretraining on 2 cores is spread over sessions: each continuation starts from the previous run's EMA weights
+    with a fresh warm-up and cosine schedule, on a data stream seeded by the number of steps already done (no batch
+    is repeated). The pipeline's `pretrain_metrics.json` keeps the cumulative step count and one record per run."""
+    torch.set_num_threads(cfg.threads)
+    pipeline_dir, out_dir = Path(pipeline_dir), Path(out_dir)
+    previous = json.loads((pipeline_dir / "pretrain_metrics.json").read_text())
+    done = int(previous["unet"]["steps"])
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True, use_safetensors=True)
+    run_cfg = replace(cfg, seed=cfg.seed + done, unet_init=str(pipeline_dir / "unet"))
+    unet, run_metrics = train_unet(run_cfg, pipe.tokenizer, pipe.text_encoder.eval(), pipe.vae.eval(), snapshot_dir=out_dir / "snapshots")
+    pipe = assemble_pipeline(pipe.tokenizer, pipe.text_encoder, pipe.vae, unet)
+    pipe.save_pretrained(out_dir / "pipeline")
+    runs = previous["unet"].get("runs") or [{k: previous["unet"][k] for k in ("steps", "batch", "wall_s", "final_loss")} | {"lr": previous["config"]["unet_lr"]}]
+    runs.append({k: run_metrics[k] for k in ("steps", "batch", "wall_s", "final_loss")} | {"lr": cfg.unet_lr})
+    metrics = dict(previous)
+    metrics["unet"] = {
+        "steps": done + run_metrics["steps"], "batch": run_metrics["batch"], "params": run_metrics["params"],
+        "wall_s": round(sum(r["wall_s"] for r in runs), 1), "final_loss": run_metrics["final_loss"], "runs": runs,
+    }
     (out_dir / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
