@@ -33,6 +33,11 @@ class RolloutRequest:
     ids: list[int]
     prompts: list[str]
     seeds: list[int]
+    # Gradient algorithms: run only the no-gradient prefix, steps [0, stop_step), and hand the latents over.
+    stop_step: int | None = None
+    grad_steps: list[int] | None = None
+    original_text: bool = False  # TextCraftor: the prefix uses the pretrained text encoder
+    metrics_only: bool = False  # a full rollout scored by the reward actors for metrics, never trained on
 
 
 @dataclass
@@ -43,10 +48,14 @@ class Rollout:
     prompts: list[str]
     seeds: list[int]
     version: int
-    latents: np.ndarray  # (B, K+1, C, H, W) float32
-    log_probs: np.ndarray  # (B, K)
+    latents: np.ndarray  # full: (B, K+1, C, H, W) float32; prefix: (B, C, H, W) at start_step
+    log_probs: np.ndarray  # (B, K); empty for a prefix
     timesteps: np.ndarray  # (K,)
-    images: np.ndarray  # (B, H, W, 3) uint8
+    images: np.ndarray | None  # (B, H, W, 3) uint8; None for a prefix
+    kind: str = "full"  # full | prefix
+    start_step: int = 0
+    grad_steps: list[int] = field(default_factory=list)
+    metrics_only: bool = False
     sample_s: float = 0.0
     scores: np.ndarray | None = None  # (B,)
     components: dict[str, np.ndarray] = field(default_factory=dict)
@@ -60,6 +69,11 @@ def _set_threads(threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(max(1, threads))
 
 
+def actor_device(wants_gpu: bool) -> str:
+    """Where an actor's models live: its GPU when Ray gave it one, else the CPU."""
+    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+
+
 def build_policy(spec: dict):
     """A DiffusionPolicy from a plain-dict spec: {"pipeline": name-or-path, "policy": {...PolicyConfig fields}}."""
     from ralign.models.pipeline import load_pipeline
@@ -68,15 +82,15 @@ def build_policy(spec: dict):
 
     name = spec.get("pipeline", "base")
     pipe = tiny_random_pipeline(int(spec.get("seed", 0))) if name == "tiny-random" else load_pipeline(name)
-    return DiffusionPolicy(pipe, PolicyConfig(**spec.get("policy", {})))
+    return DiffusionPolicy(pipe, PolicyConfig(**spec.get("policy", {}))).to(spec.get("device", "cpu"))
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class SamplerActor:
-    def __init__(self, policy_spec: dict, threads: int = 1):
+    def __init__(self, policy_spec: dict, threads: int = 1, use_gpu: bool = False):
         _set_threads(threads)
         torch.manual_seed(0)  # LoRA initialisation identical across samplers and learner
-        self.policy = build_policy(policy_spec)
+        self.policy = build_policy({**policy_spec, "device": actor_device(use_gpu)})
 
     def set_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
         self.policy.load_trainable_state(state, version)
@@ -87,30 +101,39 @@ class SamplerActor:
 
     def rollout(self, request: RolloutRequest) -> Rollout:
         start = time.perf_counter()
+        if request.stop_step is not None:
+            latents = self.policy.sample_prefix(request.prompts, request.seeds, request.stop_step, request.original_text)
+            return Rollout(
+                ids=list(request.ids), prompts=list(request.prompts), seeds=list(request.seeds), version=self.policy.version,
+                latents=latents.cpu().numpy(), log_probs=np.zeros((len(request.ids), 0), np.float32), timesteps=np.zeros(0, np.int64),
+                images=None, kind="prefix", start_step=request.stop_step, grad_steps=list(request.grad_steps or []),
+                sample_s=time.perf_counter() - start,
+            )
         traj = self.policy.sample(request.prompts, request.seeds)
-        images = (traj.images.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        images = (traj.images.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         return Rollout(
             ids=list(request.ids), prompts=list(request.prompts), seeds=list(request.seeds), version=self.policy.version,
-            latents=traj.latents.numpy(), log_probs=traj.log_probs.numpy(), timesteps=traj.timesteps.numpy(),
-            images=images, sample_s=time.perf_counter() - start,
+            latents=traj.latents.cpu().numpy(), log_probs=traj.log_probs.cpu().numpy(), timesteps=traj.timesteps.cpu().numpy(),
+            images=images, metrics_only=request.metrics_only, sample_s=time.perf_counter() - start,
         )
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class RewardActor:
-    def __init__(self, reward_spec: dict, threads: int = 1):
+    def __init__(self, reward_spec: dict, threads: int = 1, use_gpu: bool = False):
         _set_threads(threads)
         from ralign.rewards.registry import build_reward
 
-        self.reward = build_reward(reward_spec)
+        self.device = actor_device(use_gpu)
+        self.reward = build_reward({**reward_spec, "device": self.device} if self.device != "cpu" else reward_spec)
 
     @torch.no_grad()
     def score(self, rollout: Rollout) -> Rollout:
         start = time.perf_counter()
-        images = torch.from_numpy(rollout.images).permute(0, 3, 1, 2).float() / 255.0
+        images = torch.from_numpy(rollout.images).to(self.device).permute(0, 3, 1, 2).float() / 255.0
         out = self.reward(images, rollout.prompts)
-        rollout.scores = out.score.float().numpy()
-        rollout.components = {k: v.float().numpy() for k, v in out.components.items()}
+        rollout.scores = out.score.float().cpu().numpy()
+        rollout.components = {k: v.float().cpu().numpy() for k, v in out.components.items()}
         rollout.score_s = time.perf_counter() - start
         return rollout
 
@@ -124,14 +147,18 @@ class Ledger:
     dropped_stale: set[int] = field(default_factory=set)
     quarantined: set[int] = field(default_factory=set)
     lost: set[int] = field(default_factory=set)
+    handed_over: set[int] = field(default_factory=set)  # prefixes for gradient algorithms: the learner scores them
+    metrics_only: set[int] = field(default_factory=set)  # full rollouts scored for metrics, never trained on
 
     def check(self) -> None:
-        """Every consumed id was scored, none twice; nothing is both consumed and dropped."""
+        """Every consumed id was scored (or is a handed-over prefix), none twice; nothing consumed was dropped."""
         if len(self.consumed) != len(set(self.consumed)):
             raise AssertionError("a rollout was consumed twice")
         consumed = set(self.consumed)
-        if not consumed <= self.scored:
+        if not consumed <= self.scored | self.handed_over:
             raise AssertionError("a rollout was consumed without a score")
+        if consumed & self.metrics_only:
+            raise AssertionError("a metrics-only rollout was trained on")
         if consumed & (self.dropped_stale | self.quarantined):
             raise AssertionError("a dropped rollout was consumed")
 
@@ -139,8 +166,12 @@ class Ledger:
         return {
             "issued": len(self.issued), "produced": len(self.produced), "scored": len(self.scored),
             "consumed": len(self.consumed), "dropped_stale": len(self.dropped_stale),
-            "quarantined": len(self.quarantined), "lost": len(self.lost),
+            "quarantined": len(self.quarantined), "lost": len(self.lost), "handed_over": len(self.handed_over),
+            "metrics_only": len(self.metrics_only),
         }
+
+    def terminal(self) -> set[int]:
+        return set(self.consumed) | self.dropped_stale | self.quarantined | self.lost | self.metrics_only
 
 
 @dataclass
@@ -155,11 +186,15 @@ class PipelineConfig:
 class RolloutPipeline:
     """Driver-side pump: issues requests, routes finished rollouts to reward actors, hands scored ones out."""
 
-    def __init__(self, samplers: list, rewards: list, prompt_source, cfg: PipelineConfig):
+    def __init__(self, samplers: list, rewards: list, prompt_source, cfg: PipelineConfig, plan_fn=None):
         if not samplers or not rewards:
             raise ValueError("the pipeline needs at least one sampler and one reward actor")
         self.samplers, self.rewards, self.cfg = samplers, rewards, cfg
         self.prompt_source = prompt_source  # callable(n) -> (prompts, seeds)
+        # plan_fn(first_id) -> dict of RolloutRequest fields (stop_step, grad_steps, original_text, metrics_only), or None
+        # for plain full rollouts (DPOK).
+        self.plan_fn = plan_fn
+        self.metric_rollouts: deque[Rollout] = deque(maxlen=256)
         self.ledger = Ledger()
         self.next_id = 0
         self.sampling: dict[Any, int] = {}  # ref -> sampler index
@@ -184,7 +219,7 @@ class RolloutPipeline:
                 prompts, seeds = self.prompt_source(self.cfg.batch_per_request)
                 ids = list(range(self.next_id, self.next_id + len(prompts)))
                 self.next_id += len(prompts)
-                request = RolloutRequest(ids, list(prompts), list(seeds))
+                request = RolloutRequest(ids, list(prompts), list(seeds), **(self.plan_fn(ids[0]) if self.plan_fn else {}))
                 ref = sampler.rollout.remote(request)
                 self.sampling[ref] = idx
                 self.requests[ref] = request
@@ -204,6 +239,11 @@ class RolloutPipeline:
                 return
             self.ledger.produced.update(rollout.ids)
             self.stats["sample_s"] += rollout.sample_s
+            if rollout.kind == "prefix":
+                # A gradient algorithm's prefix: its reward is computed in the learner, after the gradient steps.
+                self.ledger.handed_over.update(rollout.ids)
+                self.ready.append(rollout)
+                return
             target = int(np.argmin(self.reward_load))
             self.reward_load[target] += 1
             score_ref = self.rewards[target].score.remote(rollout)
@@ -232,6 +272,10 @@ class RolloutPipeline:
                 rollout = _subset(rollout, keep)
                 if not rollout.ids:
                     return
+            if rollout.metrics_only:
+                self.ledger.metrics_only.update(rollout.ids)
+                self.metric_rollouts.append(rollout)
+                return
             self.ready.append(rollout)
 
     def pump(self, timeout: float = 0.0) -> None:
@@ -273,11 +317,37 @@ class RolloutPipeline:
         self.wait_s["learner"] += time.perf_counter() - start
         return out
 
+    def take(self, n: int) -> list[Rollout]:
+        """Exactly `n` samples, splitting a rollout if needed; the rest of a split rollout stays at the front of the
+        queue, unconsumed."""
+        out, count = [], 0
+        while count < n:
+            for rollout in self.get(min_samples=1):
+                need = n - count
+                if len(rollout.ids) > need:
+                    head = np.zeros(len(rollout.ids), bool)
+                    head[:need] = True
+                    rest = _subset(rollout, ~head)
+                    rollout = _subset(rollout, head)
+                    # `get` marked the whole rollout consumed: the rest goes back unconsumed.
+                    for i in rest.ids:
+                        self.ledger.consumed.remove(i)
+                    self.ready.appendleft(rest)
+                out.append(rollout)
+                count += len(rollout.ids)
+        return out
+
     def broadcast(self, state: dict[str, torch.Tensor], version: int) -> None:
         """New trainable weights to every sampler (one object-store copy shared by all)."""
         ref = ray.put(state)
         ray.get([s.set_weights.remote(ref, version) for s in self.samplers])
         self.learner_version = version
+
+    def broadcast_async(self, state_ref, version: int) -> list:
+        """Queue new weights on every sampler without waiting: each sampler applies them after the request it is
+        running (actor tasks run in submission order), and every rollout records the version it used."""
+        self.learner_version = version
+        return [s.set_weights.remote(state_ref, version) for s in self.samplers]
 
     def drain(self) -> None:
         """Wait for every in-flight request so the ledger is final (at shutdown)."""
@@ -293,6 +363,8 @@ def _subset(rollout: Rollout, keep: np.ndarray) -> Rollout:
     return Rollout(
         ids=[rollout.ids[i] for i in idx], prompts=[rollout.prompts[i] for i in idx], seeds=[rollout.seeds[i] for i in idx],
         version=rollout.version, latents=rollout.latents[idx], log_probs=rollout.log_probs[idx], timesteps=rollout.timesteps,
-        images=rollout.images[idx], sample_s=rollout.sample_s, scores=rollout.scores[idx],
+        images=None if rollout.images is None else rollout.images[idx], kind=rollout.kind, start_step=rollout.start_step,
+        grad_steps=list(rollout.grad_steps), metrics_only=rollout.metrics_only, sample_s=rollout.sample_s,
+        scores=None if rollout.scores is None else rollout.scores[idx],
         components={k: v[idx] for k, v in rollout.components.items()}, score_s=rollout.score_s,
     )

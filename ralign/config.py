@@ -29,6 +29,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown key '{key}'")
+        elif e["type"] == "value_error" and not e["loc"]:
+            # A cross-field check (model validator): its message already names the keys involved.
+            parts.append(str(e["msg"]).removeprefix("Value error, "))
         elif e["type"] == "missing":
             parts.append(f"missing key '{key}'")
         else:

@@ -92,6 +92,17 @@ class DiffusionPolicy:
             uncond = encoder([""] * len(prompts))
         return cond, uncond
 
+    # ---- placement ----------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def to(self, device: torch.device | str) -> "DiffusionPolicy":
+        for module in (self.unet, self.vae, self.text_encoder, self.original_text_encoder):
+            if module is not None:
+                module.to(device)
+        return self
+
     # ---- pretrained policy --------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
@@ -116,7 +127,7 @@ class DiffusionPolicy:
     def sample(self, prompts: Sequence[str], seeds: Sequence[int], *, decode: bool = True, steps: int | None = None) -> Trajectory:
         steps = steps or self.cfg.steps
         cond, uncond = self.encode(prompts)
-        x_T = initial_noise(self.latent_shape(), seeds, dtype=cond.dtype)
+        x_T = initial_noise(self.latent_shape(), seeds, dtype=cond.dtype, device=cond.device)
         # Step noise from one generator seeded by the batch's seeds: reproducible rollouts for a given seed list.
         gen = torch.Generator().manual_seed(int(sum(int(s) * 1_000_003**i for i, s in enumerate(seeds)) % 2**63))
         latents, log_probs, means, stds, ts = sample_chain(
@@ -124,6 +135,20 @@ class DiffusionPolicy:
         )
         images = decode_latents(self.vae, latents[:, -1]) if decode else None
         return Trajectory(list(prompts), latents, log_probs, means, stds, ts, images)
+
+    @torch.no_grad()
+    def sample_prefix(self, prompts: Sequence[str], seeds: Sequence[int], stop_step: int, original_text: bool = False) -> torch.Tensor:
+        """Latents after the first `stop_step` steps of the chain, without gradient (the part of a gradient
+        algorithm's chain that a sampler actor can run). `original_text` uses the pretrained text encoder
+        (TextCraftor's prefix)."""
+        cond, uncond = self.encode(prompts, original=original_text)
+        x_T = initial_noise(self.latent_shape(), seeds, dtype=cond.dtype, device=cond.device)
+        if stop_step <= 0:
+            return x_T
+        gen = torch.Generator().manual_seed(int(sum(int(s) * 1_000_003**i for i, s in enumerate(seeds)) % 2**63))
+        latents, *_ = sample_chain(self.unet, self.scheduler, cond, uncond, x_T, steps=self.cfg.steps, eta=self.cfg.eta,
+                                   guidance=self.cfg.guidance, generator=gen, stop_step=stop_step)
+        return latents[:, -1]
 
     def noise_pred(self, latents: torch.Tensor, timestep: int, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         return guided_noise(self.unet, latents, timestep, cond, uncond, self.cfg.guidance)
@@ -138,7 +163,7 @@ class DiffusionPolicy:
         for prefix, module in (("unet", self.unet), ("text_encoder", self.text_encoder)):
             for name, p in module.named_parameters():
                 if p.requires_grad:
-                    out[f"{prefix}.{name}"] = p.detach().clone()
+                    out[f"{prefix}.{name}"] = p.detach().to("cpu", copy=True)  # travels between processes
         return out
 
     def load_trainable_state(self, state: dict[str, torch.Tensor], version: int) -> None:

@@ -69,7 +69,9 @@ def ddim_step_with_logprob(
     direction = (1 - alpha_prev - std**2).clamp(min=0).sqrt() * noise_pred
     mean = alpha_prev.sqrt() * pred_original + direction
     if prev_sample is None:
-        noise = torch.randn(sample.shape, generator=generator, dtype=sample.dtype, device=sample.device)
+        # Drawn on the generator's device (CPU) and moved: the same seed gives the same noise on CPU and GPU.
+        gen_device = generator.device if generator is not None else sample.device
+        noise = torch.randn(sample.shape, generator=generator, dtype=sample.dtype, device=gen_device).to(sample.device)
         prev_sample = mean + std * noise
     log_prob = gaussian_log_prob(prev_sample.detach(), mean, std)
     return StepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std, pred_original=pred_original)
@@ -126,13 +128,15 @@ def sample_chain(
     guidance: float,
     generator: torch.Generator | None = None,
     start_step: int = 0,
+    stop_step: int | None = None,
     step_hook: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run steps [start_step, steps) of a DDIM chain without gradient; returns (latents, log_probs, means, stds, ts).
+    """Run steps [start_step, stop_step) of a `steps`-step DDIM chain; returns (latents, log_probs, means, stds, ts).
 
-    `start_step > 0` continues a chain handed over from elsewhere (a sampler actor ran its no-gradient prefix)."""
+    `start_step > 0` continues a chain handed over from elsewhere; `stop_step < steps` runs only a prefix (what a
+    sampler actor does for the gradient algorithms)."""
     scheduler.set_timesteps(steps)
-    timesteps = scheduler.timesteps[start_step:]
+    timesteps = scheduler.timesteps[start_step:stop_step]
     x = initial_latents
     latents, log_probs, means, stds = [x], [], [], []
     for k, t in enumerate(timesteps):
@@ -145,6 +149,9 @@ def sample_chain(
         stds.append(out.std)
         if step_hook is not None:
             step_hook(start_step + k, x)
+    if not log_probs:  # an empty range: nothing was sampled
+        empty = x.new_zeros((x.shape[0], 0))
+        return torch.stack(latents, dim=1), empty, x.new_zeros((x.shape[0], 0, *x.shape[1:])), x.new_zeros((0,)), timesteps.clone()
     return (
         torch.stack(latents, dim=1),
         torch.stack(log_probs, dim=1),
@@ -160,6 +167,7 @@ def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     return (images / 2 + 0.5).clamp(0, 1)
 
 
-def initial_noise(shape: Sequence[int], seeds: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """x_T for each sample from its own seed, so a sample does not depend on the batch it is in."""
-    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds])
+def initial_noise(shape: Sequence[int], seeds: Sequence[int], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """x_T for each sample from its own seed (drawn on CPU), so a sample depends neither on its batch nor its device."""
+    noise = torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds])
+    return noise.to(device)

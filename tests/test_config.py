@@ -62,3 +62,36 @@ def test_missing_and_non_utf8_files(tmp_path):
     bad.write_bytes(b"name: \xff\xfe\n")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(Demo, bad)
+
+
+def test_every_shipped_training_config_validates():
+    from pathlib import Path
+
+    from ralign.config import load_config
+    from ralign.train_config import TrainConfig
+
+    configs = sorted((Path(__file__).resolve().parent.parent / "jobs" / "configs").glob("*.yaml"))
+    assert {"quickstart.yaml", "dpok.yaml", "refl.yaml", "draft.yaml", "alignprop.yaml"} <= {c.name for c in configs}
+    for path in configs:
+        if path.name.startswith("serve"):
+            continue
+        cfg = load_config(TrainConfig, path)
+        assert cfg.train.iterations >= 1
+
+
+def test_impossible_training_combinations_are_one_line_errors():
+    import pytest
+
+    from ralign.config import ConfigError, parse_config
+    from ralign.train_config import TrainConfig
+
+    cases = {
+        "refl late-step window": {"algorithm": {"name": "refl", "refl": {"late_step_max": 50}}},
+        "nothing to train": {"model": {"policy": {"unet_lora_rank": 0}}},
+        "need ray.request_batch=3": {"algorithm": {"name": "draft"}, "ray": {"request_batch": 3}, "train": {"batch_size": 8, "micro_batch": 2}},
+        "algorithm.name": {"algorithm": {"name": "ppo"}},
+    }
+    for needle, data in cases.items():
+        with pytest.raises(ConfigError) as err:
+            parse_config(TrainConfig, data)
+        assert needle in str(err.value) and "\n" not in str(err.value)

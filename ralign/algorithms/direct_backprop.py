@@ -111,7 +111,7 @@ def backprop_update(
     if grad_steps is None:
         grad_steps = gradient_steps(policy.cfg.steps, cfg, generator)
     if start_latents is None:
-        start_latents = initial_noise(policy.latent_shape(), seeds)
+        start_latents = initial_noise(policy.latent_shape(), seeds, device=policy.device)
     x0 = run_chain(policy, prompts, start_latents, start_step, grad_steps, cfg, generator)
     images = decode_latents(policy.vae, x0)
     out = reward(images, prompts)

@@ -15,7 +15,7 @@ import torch
 
 from ralign.policy import DiffusionPolicy
 from ralign.rewards.base import Reward, finite_mask
-from ralign.sampler import decode_latents, initial_noise, sample_chain
+from ralign.sampler import decode_latents
 
 
 @dataclass
@@ -38,17 +38,9 @@ def choose_late_step(steps: int, cfg: ReFLConfig, generator: torch.Generator | N
     return int(torch.randint(lo, hi, (1,), generator=generator))
 
 
-@torch.no_grad()
 def prefix(policy: DiffusionPolicy, prompts: Sequence[str], seeds: Sequence[int], stop_step: int) -> torch.Tensor:
     """Latents x_{t_k} after `stop_step` no-gradient steps (what a sampler actor hands to the learner)."""
-    cond, uncond = policy.encode(prompts)
-    x_T = initial_noise(policy.latent_shape(), seeds, dtype=cond.dtype)
-    if stop_step == 0:
-        return x_T
-    gen = torch.Generator().manual_seed(int(seeds[0]))
-    latents, *_ = sample_chain(policy.unet, policy.scheduler, cond, uncond, x_T, steps=policy.cfg.steps,
-                               eta=policy.cfg.eta, guidance=policy.cfg.guidance, generator=gen)
-    return latents[:, stop_step]
+    return policy.sample_prefix(prompts, seeds, stop_step)
 
 
 def refl_update(

@@ -23,9 +23,9 @@ class ClipScoreReward:
     name = "clip_score"
     differentiable = True
 
-    def __init__(self, path: str | Path = TOY_DIR / "reward_clip"):
+    def __init__(self, path: str | Path = TOY_DIR / "reward_clip", device: str = "cpu"):
         self.model, self.tokenizer = load_reward_clip(path)
-        self.model.requires_grad_(False)
+        self.model.requires_grad_(False).to(device)
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], attention: dict | None = None) -> RewardOutput:
         score = (encode_images(self.model, images) * encode_texts(self.model, self.tokenizer, prompts)).sum(-1)
@@ -37,8 +37,8 @@ class PreferenceReward(ClipScoreReward):
 
     name = "preference"
 
-    def __init__(self, path: str | Path = TOY_DIR / "preference"):
-        super().__init__(path)
+    def __init__(self, path: str | Path = TOY_DIR / "preference", device: str = "cpu"):
+        super().__init__(path, device)
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], attention: dict | None = None) -> RewardOutput:
         score = (encode_images(self.model, images) * encode_texts(self.model, self.tokenizer, prompts)).sum(-1)

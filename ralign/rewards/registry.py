@@ -22,6 +22,10 @@ def reward_names() -> list[str]:
     return sorted(_BUILDERS)
 
 
+def is_differentiable(name: str) -> bool:
+    return bool(getattr(_BUILDERS[name], "differentiable", False))
+
+
 def build_reward(spec: dict):
     spec = dict(spec)
     name = spec.pop("name", None)

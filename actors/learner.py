@@ -1,0 +1,234 @@
+"""The learner group: Ray Train workers (`TorchTrainer`, gloo on CPU) each running a DeepSpeed-wrapped `Learner`.
+
+Each worker pulls its batch from the rollout coordinator, makes one update (DeepSpeed all-reduces the gradients
+across workers), and rank 0 publishes the new trainable weights (adapters or text-encoder deltas, never the whole
+model) to the samplers with the next version number. Every `train.checkpoint_every` iterations all workers save
+their DeepSpeed state and report it to Ray Train (rank 0 adds the safetensors weights and the learner state); a
+restarted or resumed run continues from the newest checkpoint with the same MLflow run.
+
+Metrics go to MLflow from rank 0 as they are produced. Ray Train V2 rejects Tune logger callbacks, so this uses the
+MLflow client directly with the driver's tracking URI and run id. After a restart, steps already logged by the
+previous attempt are not logged again (MLflow cannot delete points; step numbers stay monotone and unique).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import torch
+
+from ralign.learner import Learner, LearnerBatch
+from ralign.train_config import GRADIENT_ALGORITHMS, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class RunLogger:
+    """MLflow logging for one run from one process; skips steps an earlier attempt already logged."""
+
+    def __init__(self, tracking_uri: str, run_id: str, enabled: bool):
+        self.enabled = enabled
+        self.run_id = run_id
+        self.last_step = -1
+        if not enabled:
+            return
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        history = self.client.get_metric_history(run_id, "iteration")
+        self.last_step = max((m.step for m in history), default=-1)
+
+    def metrics(self, values: dict[str, float], step: int, final: bool = False) -> None:
+        """Log one iteration's metrics. `final` metrics (the closing evaluation) are logged once, at the last
+        iteration's step, without the `iteration` marker."""
+        if not self.enabled or (step <= self.last_step and not final):
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None and np.isfinite(v)]
+        if not final:
+            batch.append(Metric("iteration", float(step), now, step))
+            self.last_step = step
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def tag(self, key: str, value: str) -> None:
+        if self.enabled:
+            self.client.set_tag(self.run_id, key, value)
+
+    def artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
+        if self.enabled:
+            self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def artifact(self, local_file: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self.client.log_artifact(self.run_id, str(local_file), artifact_path)
+
+
+def to_learner_batch(data: dict) -> LearnerBatch:
+    if data["kind"] == "full":
+        return LearnerBatch(
+            prompts=data["prompts"], seeds=data["seeds"], versions=data["versions"],
+            latents=torch.from_numpy(np.ascontiguousarray(data["latents"])),
+            log_probs=torch.from_numpy(np.ascontiguousarray(data["log_probs"])),
+            timesteps=torch.from_numpy(np.ascontiguousarray(data["timesteps"])),
+            scores=torch.from_numpy(np.ascontiguousarray(data["scores"])),
+        )
+    return LearnerBatch(
+        prompts=data["prompts"], seeds=data["seeds"], versions=data["versions"],
+        start_latents=torch.from_numpy(np.ascontiguousarray(data["latents"])),
+        plans=[(int(s), list(g), int(n)) for s, g, n in data["plans"]],
+    )
+
+
+def evaluate_policy(policy, cfg: TrainConfig, out_dir: Path) -> dict:
+    """Oracle metrics of the current policy on held-out prompts (the same path as `ralign eval`)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from ralign.evaluation import evaluate_generator
+    from ralign.models.pipeline import generate_images
+
+    e = cfg.train.eval
+    pipe = StableDiffusionPipeline(
+        vae=policy.vae, text_encoder=policy.text_encoder, tokenizer=policy.tokenizer, unet=policy.unet,
+        scheduler=DDIMScheduler.from_config(policy.scheduler.config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    def embeds(prompts):
+        with torch.no_grad():
+            return policy.encode(prompts)
+
+    steps, guidance = policy.cfg.steps, policy.cfg.guidance
+    with torch.no_grad():
+        return evaluate_generator(
+            lambda prompts: generate_images(pipe, prompts, steps=steps, guidance=guidance, seed=cfg.train.seed, batch_size=32,
+                                            prompt_embeds_fn=embeds),
+            split=e.split, n=e.n_per_family, seed=cfg.train.seed, families=e.families, grid_dir=out_dir,
+        )
+
+
+def _oracle_metrics(report: dict, prefix: str) -> dict[str, float]:
+    out = {}
+    for fam, m in report["families"].items():
+        for key in ("all_correct", "object_recall", "binding_acc", "count_acc", "spatial_acc", "artifact_rate"):
+            if m.get(key) is not None:
+                out[f"{prefix}/{fam}/{key}"] = m[key]
+    out[f"{prefix}/overall/all_correct"] = report["overall"]["all_correct"]
+    if "fidelity" in report:
+        out[f"{prefix}/kid"] = report["fidelity"]["kid"]
+    return out
+
+
+def _save_batch_grid(data: dict, path: Path) -> None:
+    from ralign.evaluation import write_grid
+
+    write_grid(path, data["prompts"], list(data["images"]), max_images=16)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point of every Ray Train worker."""
+    import json
+
+    from actors.coordinator import policy_spec
+    from actors.rollout import build_policy
+    from ralign.rewards.registry import build_reward
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = TrainConfig.model_validate(config["cfg"])
+    coordinator = config["coordinator"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.set_num_threads(cfg.ray.threads_per_actor)
+    torch.manual_seed(0)  # the same LoRA initialisation as the sampler actors
+    from actors.rollout import actor_device
+
+    device = actor_device(cfg.ray.use_gpu)
+    policy = build_policy({**policy_spec(cfg), "device": device})
+    reward_spec = {"name": cfg.reward.name, **cfg.reward.options, **({"device": device} if device != "cpu" else {})}
+    reward = build_reward(reward_spec) if cfg.algorithm.name in GRADIENT_ALGORITHMS else None
+    learner = Learner(cfg, policy, reward)
+    logger = RunLogger(config["tracking_uri"], config["run_id"], enabled=rank == 0)
+
+    start_iteration = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            record = learner.load(d)
+        start_iteration = record["iteration"]
+        if rank == 0:
+            # Samplers restart from the checkpoint's weights and prompt position; anything queued from the
+            # interrupted attempt is stale and dropped (counted in the ledger).
+            ray.get(coordinator.resume_from.remote(learner.trainable_state(), learner.policy.version, record["next_id"]))
+        log.info("rank %d resumed at iteration %d (version %d)", rank, start_iteration, learner.policy.version)
+        if rank == 0:
+            logger.tag("ralign.resumed_from_iteration", str(start_iteration))
+
+    e = cfg.train.eval
+    if rank == 0 and start_iteration == 0 and e.before_after and logger.last_step < 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            report = evaluate_policy(policy, cfg, Path(tmp) / "grids")
+            (Path(tmp) / "oracle_before.json").write_text(json.dumps(report, indent=2))
+            logger.artifact(Path(tmp) / "oracle_before.json")
+            logger.artifacts(Path(tmp) / "grids", "eval/iteration_0000")
+        logger.metrics(_oracle_metrics(report, "oracle"), step=0)
+
+    for it in range(start_iteration, cfg.train.iterations):
+        step = it + 1
+        t0 = time.perf_counter()
+        data = ray.get(coordinator.take.remote(cfg.train.batch_size))
+        t1 = time.perf_counter()
+        stats = learner.update(to_learner_batch(data))
+        t2 = time.perf_counter()
+        if rank == 0:
+            coordinator.publish.remote(learner.trainable_state(), learner.policy.version)
+        stats.update(
+            learn_s=t2 - t1, wait_s=t1 - t0, iteration_s=time.perf_counter() - t0,
+            samples_per_s=cfg.train.batch_size * learner.world_size / max(1e-9, time.perf_counter() - t0),
+            version=float(learner.policy.version),
+        )
+        if rank == 0:
+            pipe_stats = ray.get(coordinator.stats.remote())
+            ledger = pipe_stats["ledger"]
+            stats.update({f"pipeline/{k}": float(v) for k, v in ledger.items()})
+            stats.update(ray.get(coordinator.metric_rollouts.remote()))
+            if data["kind"] == "full":
+                for key, values in data["components"].items():
+                    stats[f"reward/{key}"] = float(np.mean(values))
+            logger.metrics(stats, step=step)
+            if cfg.tracking.log_images_every and data.get("images") is not None and step % cfg.tracking.log_images_every == 0:
+                with tempfile.TemporaryDirectory() as tmp:
+                    _save_batch_grid(data, Path(tmp) / f"rollouts_{step:04d}.png")
+                    logger.artifacts(tmp, "rollouts")
+            coordinator.report.remote({"iteration": step, "of": cfg.train.iterations, "reward_mean": stats.get("reward_mean"),
+                                       "kl": stats.get("kl"), "loss": stats.get("loss", stats.get("policy_loss"))})
+        if e.every and step % e.every == 0 and step < cfg.train.iterations and rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                report = evaluate_policy(policy, cfg, Path(tmp) / "grids")
+                logger.artifacts(Path(tmp) / "grids", f"eval/iteration_{step:04d}")
+            logger.metrics(_oracle_metrics(report, "oracle"), step=step)
+        last = step == cfg.train.iterations
+        if step % cfg.train.checkpoint_every == 0 or last:
+            next_id = ray.get(coordinator.stats.remote())["next_id"] if rank == 0 else 0
+            with tempfile.TemporaryDirectory() as tmp:
+                learner.save(tmp, extra={"next_id": next_id, "run_id": config["run_id"]})
+                if rank == 0 and last:
+                    logger.artifact(Path(tmp) / "trainable.safetensors", "checkpoint")
+                    logger.artifact(Path(tmp) / "learner_state.json", "checkpoint")
+                ray.train.report({"iteration": step, "reward_mean": stats.get("reward_mean")},
+                                 checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    if rank == 0 and e.before_after:
+        with tempfile.TemporaryDirectory() as tmp:
+            report = evaluate_policy(policy, cfg, Path(tmp) / "grids")
+            (Path(tmp) / "oracle_after.json").write_text(json.dumps(report, indent=2))
+            logger.artifact(Path(tmp) / "oracle_after.json")
+            logger.artifacts(Path(tmp) / "grids", f"eval/iteration_{cfg.train.iterations:04d}")
+        logger.metrics(_oracle_metrics(report, "oracle"), step=cfg.train.iterations, final=True)

@@ -1,0 +1,239 @@
+"""`ralign train`: the RL fine-tuning job. Submit it to a Ray cluster, or run it with a local one (the default).
+
+The driver (this file) creates or reopens the MLflow run, starts the rollout coordinator (which starts the sampler
+and reward actors), and runs the learner group as a Ray Train `TorchTrainer`. It shows a progress bar fed by the
+coordinator, and when training ends it closes the pipeline, checks its exactly-once ledger, and writes a summary.
+
+    python -m jobs.train --config jobs/configs/quickstart.yaml [--set train.iterations=5] [--resume RUN_ID]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from ralign.config import ConfigError, dump_config, load_config, parse_config
+from ralign.train_config import TrainConfig
+
+log = logging.getLogger("ralign.train")
+
+RAY_RUN_TAG = "ralign.ray_train_name"
+STORAGE_TAG = "ralign.ray_storage_path"
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """Ray workers do not share the driver's working directory: make a relative sqlite / file store absolute."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    if "://" not in uri:
+        return str(Path(uri).resolve())
+    return uri
+
+
+def flat_params(data: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flat_params(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if not isinstance(v, str) else v
+    return out
+
+
+def _init_ray(cfg: TrainConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "MLFLOW_DISABLE_TELEMETRY")
+                        if k in os.environ}}
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, runtime_env=env)
+        return
+    last = None
+    for attempt in range(3):  # a loaded machine sometimes misses the raylet start-up deadline (STACK-NOTES)
+        try:
+            ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=env)
+            return
+        except Exception as exc:  # noqa: BLE001 - retried, then re-raised
+            last = exc
+            ray.shutdown()
+            time.sleep(3 * (attempt + 1))
+    raise last
+
+
+def _open_run(cfg: TrainConfig | None, resume: str | None, tracking_uri: str, overrides: list[str] | None = None):
+    """A new MLflow run with the config as params, or the run to resume with its own logged config (plus any
+    `--set` overrides, e.g. more iterations). Returns (client, run_id, cfg, Ray Train run name, storage path)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    if resume:
+        try:
+            run = client.get_run(resume)
+        except mlflow.exceptions.MlflowException:
+            raise ConfigError(f"--resume {resume}: no such MLflow run at {tracking_uri}") from None
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(resume, "config.yaml", tmp)
+            cfg = parse_config(TrainConfig, yaml.safe_load(Path(path).read_text()), source=f"run {resume} config.yaml", overrides=overrides)
+        if RAY_RUN_TAG not in run.data.tags:
+            raise ConfigError(f"--resume {resume}: that run was not started by `ralign train`")
+        client.update_run(resume, status="RUNNING")
+        return client, resume, cfg, run.data.tags[RAY_RUN_TAG], run.data.tags[STORAGE_TAG]
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    run = client.create_run(exp_id, run_name=cfg.tracking.run_name or f"{cfg.algorithm.name}-{cfg.reward.name}")
+    run_id = run.info.run_id
+    storage = str(Path(cfg.ray.storage_path).resolve())
+    ray_name = f"ralign-{run_id[:12]}"
+    params = flat_params(cfg.model_dump(mode="json"))
+    from mlflow.entities import Param
+
+    items = [Param(k, v[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+    client.set_tag(run_id, RAY_RUN_TAG, ray_name)
+    client.set_tag(run_id, STORAGE_TAG, storage)
+    client.set_tag(run_id, "ralign.algorithm", cfg.algorithm.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.yaml").write_text(dump_config(cfg))
+        client.log_artifact(run_id, str(Path(tmp) / "config.yaml"))
+    return client, run_id, cfg, ray_name, storage
+
+
+def _progress(coordinator, total: int, done: threading.Event) -> None:
+    import ray
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="train", unit="it", dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+    shown = 0
+    while not done.is_set():
+        try:
+            p = ray.get(coordinator.get_progress.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - the bar is cosmetic; the job's outcome comes from trainer.fit()
+            p = {}
+        it = int(p.get("iteration", 0))
+        if it > shown:
+            bar.update(it - shown)
+            shown = it
+        post = {k: f"{v:.4g}" for k, v in p.items() if k in ("reward_mean", "kl", "loss") and isinstance(v, float)}
+        if post:
+            bar.set_postfix(post, refresh=False)
+        done.wait(2.0)
+    bar.close()
+
+
+def summarize(client, run_id: str, cfg: TrainConfig, checkpoint: str | None, tracking_uri: str) -> dict:
+    history = sorted(client.get_metric_history(run_id, "reward_mean"), key=lambda m: m.step)
+    values = [m.value for m in history]
+    k = max(1, len(values) // 10)
+    oracle = {}
+    for name in ("oracle_before", "oracle_after"):
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                oracle[name] = json.loads(Path(client.download_artifacts(run_id, f"{name}.json", tmp)).read_text())
+        except Exception:  # noqa: BLE001 - not evaluated (train.eval.before_after=false)
+            oracle[name] = None
+    return {
+        "run_id": run_id,
+        "tracking_uri": tracking_uri,
+        "algorithm": cfg.algorithm.name,
+        "reward": cfg.reward.name,
+        "iterations": cfg.train.iterations,
+        "reward_first": sum(values[:k]) / k if values else None,
+        "reward_last": sum(values[-k:]) / k if values else None,
+        "oracle_before": oracle["oracle_before"],
+        "oracle_after": oracle["oracle_after"],
+        "checkpoint": checkpoint,
+    }
+
+
+def train(cfg: TrainConfig | None, resume: str | None = None, tracking_uri: str | None = None, progress: bool = True,
+          overrides: list[str] | None = None) -> dict:
+    """Run (or resume) one training job to the end; returns the summary. When resuming, `cfg` may be None: the
+    run's own config is used, with `overrides` applied."""
+    if cfg is None and not resume:
+        raise ConfigError("a config is needed to start a run")
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from actors.coordinator import RolloutCoordinator
+    from actors.learner import train_loop_per_worker
+
+    from ralign.deepspeed_ops import configure_environment
+
+    configure_environment()  # before Ray starts, so every worker inherits the op cache location
+    uri = absolute_tracking_uri(tracking_uri or (cfg.tracking.tracking_uri if cfg else TrainConfig().tracking.tracking_uri))
+    client, run_id, cfg, ray_name, storage = _open_run(cfg, resume, uri, overrides)
+    log.info("MLflow run %s at %s", run_id, uri)
+    _init_ray(cfg)
+    coordinator = RolloutCoordinator.remote(cfg.model_dump(mode="json"))
+    ray.get(coordinator.ready.remote())
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "coordinator": coordinator, "run_id": run_id, "tracking_uri": uri},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.learners, use_gpu=cfg.ray.use_gpu, resources_per_worker={"CPU": cfg.ray.learner_cpus}),
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=ray_name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    done = threading.Event()
+    bar = threading.Thread(target=_progress, args=(coordinator, cfg.train.iterations, done), daemon=True)
+    if progress:
+        bar.start()
+    status = "FAILED"
+    try:
+        result = trainer.fit()
+        status = "FINISHED"
+    finally:
+        done.set()
+        ledger = ray.get(coordinator.shutdown.remote())
+        client.log_dict(run_id, ledger, "pipeline_ledger.json")
+        client.set_terminated(run_id, status=status)
+        if bar.is_alive():
+            bar.join(timeout=5)
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    summary = summarize(client, run_id, cfg, checkpoint, uri)
+    summary["ledger"] = ledger
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="jobs/configs/quickstart.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--json", dest="json_out", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = None if args.resume else load_config(TrainConfig, args.config, args.overrides)
+        summary = train(cfg, resume=args.resume, tracking_uri=args.tracking_uri, overrides=args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(summary, indent=2)
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The DeepSpeed-wrapped learner, in-process (a one-process gloo group): one optimiser step per update, exact
+checkpoints, the prefix hand-over, and quarantine of bad rewards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from actors.coordinator import PromptSource, policy_spec, request_plan
+from actors.rollout import build_policy
+from ralign.config import parse_config
+from ralign.learner import BadRewardsError, Learner, LearnerBatch, backwards_per_update
+from ralign.rewards.base import RewardOutput
+from ralign.rewards.colorfulness import ColorfulnessReward
+from ralign.train_config import TrainConfig
+
+PROMPTS = ["a red circle", "a blue square", "a red circle", "two green triangles"]
+SEEDS = [1, 2, 3, 4]
+
+
+def make_cfg(**over) -> TrainConfig:
+    data = {
+        "model": {"pipeline": "tiny-random", "policy": {"unet_lora_rank": 2, "steps": 4}},
+        "algorithm": {"name": "dpok", "refl": {"late_step_max": 2}, "backprop": {"k": 2}},
+        "reward": {"name": "colorfulness"},
+        "train": {"batch_size": 4, "micro_batch": 2},
+        "ray": {"request_batch": 2},
+    }
+    for dotted, value in over.items():
+        node = data
+        *keys, last = dotted.split("__")
+        for k in keys:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return parse_config(TrainConfig, data)
+
+
+def make_learner(cfg: TrainConfig, reward=None) -> Learner:
+    torch.manual_seed(0)
+    policy = build_policy(policy_spec(cfg))
+    return Learner(cfg, policy, reward)
+
+
+def dpok_batch(learner: Learner) -> LearnerBatch:
+    traj = learner.policy.sample(PROMPTS, SEEDS)
+    scores = ColorfulnessReward()(traj.images, PROMPTS).score
+    return LearnerBatch(PROMPTS, SEEDS, [0] * 4, latents=traj.latents, log_probs=traj.log_probs, timesteps=traj.timesteps, scores=scores)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_dpok_update_is_one_deepspeed_step_over_all_backward_passes(zero_stage):
+    cfg = make_cfg(algorithm__dpok__timestep_fraction=0.5, deepspeed__zero_stage=zero_stage)
+    learner = make_learner(cfg)
+    assert learner.gas == backwards_per_update(cfg) == 2 * 2  # 2 micro-batches x 2 of 4 steps
+    before = {k: v.clone() for k, v in learner.policy.trainable_state().items()}
+    stats = learner.update(dpok_batch(learner))
+    assert learner.engine.global_steps == 1  # DeepSpeed stepped the optimiser exactly once
+    assert learner.policy.version == 1 and learner.iteration == 1
+    after = learner.policy.trainable_state()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert stats["grad_norm"] > 0 and stats["kl"] == pytest.approx(0.0, abs=1e-6)  # first update: still the reference
+    assert abs(stats["ratio_mean"] - 1.0) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["refl", "draft", "alignprop", "interval"])
+def test_gradient_algorithms_update_through_deepspeed(name):
+    cfg = make_cfg(algorithm__name=name, algorithm__backprop__interval=2)
+    learner = make_learner(cfg, ColorfulnessReward())
+    stats = learner.update(LearnerBatch(PROMPTS, SEEDS, [0] * 4))
+    assert learner.engine.global_steps == 1 and stats["quarantined"] == 0
+    assert stats["reward_mean"] > 0 and stats["grad_norm"] > 0
+
+
+def test_handed_over_prefix_is_the_start_of_the_full_chain():
+    cfg = make_cfg()
+    policy = build_policy(policy_spec(cfg))
+    full = policy.sample(PROMPTS[:2], SEEDS[:2], decode=False)
+    for k in (0, 2, 3):
+        assert torch.equal(policy.sample_prefix(PROMPTS[:2], SEEDS[:2], k), full.latents[:, k])
+
+
+def test_learner_continues_a_handed_over_prefix():
+    cfg = make_cfg(algorithm__name="refl")
+    learner = make_learner(cfg, ColorfulnessReward())
+    plan = request_plan(cfg)(0)
+    k = plan["grad_steps"][0]
+    assert plan["stop_step"] == k and 2 <= k < 4  # the sampler stops where the gradient step begins
+    start = learner.policy.sample_prefix(PROMPTS, SEEDS, k)
+    stats = learner.update(LearnerBatch(PROMPTS, SEEDS, [0] * 4, start_latents=start, plans=[(k, [k], 2), (k, [k], 2)]))
+    assert learner.engine.global_steps == 1 and stats["reward_mean"] > 0
+
+
+def test_checkpoint_round_trip_restores_weights_and_state(tmp_path):
+    cfg = make_cfg()
+    learner = make_learner(cfg)
+    learner.update(dpok_batch(learner))
+    learner.save(tmp_path, extra={"next_id": 17})
+    saved = {k: v.clone() for k, v in learner.policy.trainable_state().items()}
+    history = {p: list(h) for p, h in learner.normalizer.history.items()}
+    learner.update(dpok_batch(learner))  # move on, then go back
+    record = learner.load(tmp_path)
+    assert record["next_id"] == 17 and learner.iteration == 1 and learner.policy.version == 1
+    assert all(torch.equal(saved[k], v) for k, v in learner.policy.trainable_state().items())
+    assert {p: list(h) for p, h in learner.normalizer.history.items()} == history
+    assert (tmp_path / "trainable.safetensors").is_file()
+
+
+class HalfNaN:
+    name, differentiable = "half_nan", True
+
+    def __call__(self, images, prompts, attention=None):
+        score = images.mean(dim=(1, 2, 3))
+        score = torch.where(torch.arange(len(prompts)) % 2 == 0, score, torch.full_like(score, float("nan")))
+        return RewardOutput(score, {"half": score})
+
+
+class AllNaN(HalfNaN):
+    def __call__(self, images, prompts, attention=None):
+        return RewardOutput(images.mean(dim=(1, 2, 3)) * float("nan"))
+
+
+def test_nan_rewards_are_quarantined_and_too_many_stop_the_run():
+    cfg = make_cfg(algorithm__name="draft", train__max_bad_reward_fraction=0.6)
+    learner = make_learner(cfg, HalfNaN())
+    stats = learner.update(LearnerBatch(PROMPTS, SEEDS, [0] * 4))
+    assert stats["quarantined"] == 2 and learner.engine.global_steps == 1
+    strict = make_learner(make_cfg(algorithm__name="draft", train__max_bad_reward_fraction=0.1), AllNaN())
+    with pytest.raises(BadRewardsError, match="NaN/inf"):
+        strict.update(LearnerBatch(PROMPTS, SEEDS, [0] * 4))
+
+
+def test_prompt_source_is_a_function_of_the_sample_id():
+    cfg = make_cfg(prompts__unique_prompts=5)
+    a, b = PromptSource(cfg), PromptSource(cfg)
+    ids = list(range(23))
+    assert [a.prompt(i) for i in ids] == [b.prompt(i) for i in reversed(ids)][::-1]
+    assert sorted(a.prompt(i) for i in range(5)) == sorted(a.pool)  # each pass visits the whole pool once
+    assert len({a.seed_of(i) for i in ids}) == len(ids)
+
+
+def test_sd15_config_loads_a_diffusers_directory_through_the_same_path(tmp_path):
+    from pathlib import Path
+
+    from ralign.config import load_config
+    from ralign.models.toy_t2i import tiny_random_pipeline
+
+    tiny_random_pipeline().save_pretrained(tmp_path / "sd")
+    config = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "sd15.yaml"
+    cfg = load_config(TrainConfig, config, [
+        f"model.pipeline={tmp_path / 'sd'}", "model.policy.steps=2", "reward.name=colorfulness", "reward.options={}",
+        "ray.use_gpu=false", "train.batch_size=4", "train.micro_batch=2", "ray.request_batch=2",
+    ])
+    assert cfg.algorithm.name == "dpok" and cfg.model.policy.guidance == 7.5
+    learner = make_learner(cfg)
+    assert learner.policy.unet.config.sample_size == tiny_random_pipeline().unet.config.sample_size
+    learner.update(dpok_batch(learner))
+    assert learner.engine.global_steps == 1

@@ -1,0 +1,113 @@
+"""`ralign train` end to end: a real local Ray cluster, Ray Train + DeepSpeed learner, MLflow on sqlite.
+
+Each job runs in its own process (its own local Ray cluster), as a user would run it. The resume test kills the
+first job's whole process group after its first checkpoint and continues the same MLflow run with `--resume`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+CONFIG = Path(__file__).parent / "configs" / "tiny_train.yaml"
+
+
+def _cmd(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "ralign", "train", "--config", str(CONFIG),
+        "--set", f"ray.storage_path={tmp_path / 'ray'}",
+        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+        *extra,
+    ]
+
+
+def _run(cmd: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _iterations(client: MlflowClient, run_id: str) -> list[int]:
+    return [m.step for m in sorted(client.get_metric_history(run_id, "iteration"), key=lambda m: m.timestamp)]
+
+
+def test_refl_job_hands_prefixes_to_the_learner(tmp_path):
+    out = tmp_path / "summary.json"
+    _run(_cmd(tmp_path, "--set", "algorithm.name=refl", "--set", "algorithm.refl.late_step_max=2",
+              "--set", "train.iterations=3", "--set", "ray.metric_rollout_every=2", "--set", "train.eval.before_after=false",
+              "--json", str(out)))
+    summary = json.loads(out.read_text())
+    ledger = summary["ledger"]
+    assert ledger["balanced"] and ledger["lost"] == 0
+    assert ledger["handed_over"] > 0 and ledger["metrics_only"] > 0  # prefixes to the learner, full rollouts to rewards
+    assert summary["oracle_before"] is None and summary["oracle_after"] is None
+    client = MlflowClient(summary["tracking_uri"])
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["algorithm.name"] == "refl"
+    assert "rollout_reward_mean" in run.data.metrics and "reward_mean" in run.data.metrics
+    assert _iterations(client, summary["run_id"]) == [1, 2, 3]
+
+
+def test_dpok_job_survives_a_killed_driver_and_resumes_the_same_run(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    first = subprocess.Popen(_cmd(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    run_id = None
+    deadline = time.time() + 900
+    try:
+        # Wait until the first checkpoint (iteration 2) is behind us, then kill the job mid-run.
+        while time.time() < deadline and first.poll() is None:
+            time.sleep(2)
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()]) if (tmp_path / "mlflow.db").exists() else []
+            if runs:
+                run_id = runs[0].info.run_id
+                if max(_iterations(client, run_id), default=0) >= 3:
+                    break
+        assert first.poll() is None, f"the first job ended early:\n{first.stdout.read()[-3000:]}"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    logged_before_kill = _iterations(client, run_id)
+    assert logged_before_kill[:4] == [0, 1, 2, 3]  # 0: the evaluation before training
+
+    out = tmp_path / "summary.json"
+    _run(_cmd(tmp_path, "--resume", run_id, "--json", str(out)))
+    summary = json.loads(out.read_text())
+    assert summary["run_id"] == run_id and summary["iterations"] == 6
+    # Same run, every iteration logged once, in order: no repeated or skipped step numbers.
+    assert _iterations(client, run_id) == [0, 1, 2, 3, 4, 5, 6]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    resumed_at = int(run.data.tags["ralign.resumed_from_iteration"])
+    assert resumed_at in (2, 4) and resumed_at <= max(logged_before_kill)
+    assert summary["ledger"]["balanced"] and summary["ledger"]["lost"] == 0
+    assert summary["reward_first"] is not None and summary["reward_last"] is not None
+    assert summary["oracle_before"]["families"]["single"]["n"] == 2  # from the first attempt
+    assert summary["oracle_after"]["families"]["binding"]["n"] == 2
+    state = json.loads((Path(summary["checkpoint"]) / "learner_state.json").read_text())
+    assert state["iteration"] == 6 and state["run_id"] == run_id
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "oracle_before.json", "oracle_after.json", "checkpoint", "pipeline_ledger.json", "rollouts"} <= artifacts
+    kl = client.get_metric_history(run_id, "kl")
+    assert kl and all(m.value >= 0 for m in kl)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.policy.eta=0", "dpok needs model.policy.eta > 0"),
+    ("reward.name=nope", "reward.name='nope' is not a known reward"),
+    ("train.micro_batch=3", "must be a multiple of train.micro_batch=3"),
+    ("train.lr=-1", "'train.lr'"),
+])
+def test_train_rejects_bad_configs_in_one_line(tmp_path, override, message):
+    proc = subprocess.run(_cmd(tmp_path, "--set", override), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was started or written
