@@ -71,7 +71,10 @@ UNet: `UNet2DConditionModel` with cross-attention. Sampling scheduler: DDIM; tra
 - UNet: {unet['steps']} steps, batch {unet['batch']}, AdamW lr {cfg['unet_lr']}, cosine, EMA {cfg['unet_ema_decay']},
   wall {unet['wall_s']} s, {unet['params']:,} parameters, final noise-prediction MSE {unet['final_loss']}.{_unet_runs(unet)}
 - Machine: {machine_description()}.
-- Oracle metrics on held-out `test` prompts: see `eval_test.json` beside this card (written by `ralign eval`).
+- Sampling: DDIM, 20 steps, classifier-free guidance 3 (measured best on held-out prompts: single all-correct 0.58
+  at guidance 3 vs 0.32 at 7.5 after the first 3000 steps); `ralign eval` and the training configs use it.
+- Oracle metrics on held-out `test` prompts: `eval_test.json` beside this card (written by
+  `ralign eval --pipeline base --split test --n 200 --json ralign/toy_models/base/eval_test.json`).
 """,
         encoding="utf-8",
     )
