@@ -84,7 +84,10 @@ def policy_spec(cfg: TrainConfig) -> dict:
     return {"pipeline": cfg.model.pipeline, "seed": cfg.train.seed, "policy": pol}
 
 
-@ray.remote(num_cpus=0, max_concurrency=16, max_restarts=0)
+# One call at a time, in submission order (a threaded actor would not keep order): a learner's `publish` then
+# `take` must reach the samplers in that order, so the next request is sampled with the new weights. The pump
+# runs in a plain background thread, so rollouts keep moving while a call waits.
+@ray.remote(num_cpus=0, max_concurrency=1, max_restarts=0)
 class RolloutCoordinator:
     def __init__(self, cfg_data: dict, next_id: int = 0, version: int = 0):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -118,10 +121,17 @@ class RolloutCoordinator:
         self.thread = threading.Thread(target=self._pump_forever, daemon=True)
         self.thread.start()
 
-    def ready(self) -> bool:
-        # Samplers and reward actors have loaded their models (a first call on each waits for its constructor).
-        ray.get([s.version.remote() for s in self.samplers])
-        return True
+    def ready(self) -> str:
+        """Wait until the samplers have loaded their models; returns the base model's fingerprint, which every
+        sampler must share (the learners check theirs against it)."""
+        prints = set(ray.get([s.fingerprint.remote() for s in self.samplers]))
+        if len(prints) != 1:
+            raise RuntimeError(f"sampler actors loaded different base models (fingerprints {sorted(prints)})")
+        self.fingerprint = prints.pop()
+        return self.fingerprint
+
+    def base_fingerprint(self) -> str:
+        return self.fingerprint
 
     def _prompt_batch(self, n: int):
         first = self.pipeline.next_id
@@ -138,10 +148,13 @@ class RolloutCoordinator:
             time.sleep(0.01)
 
     # ---- learner side ------------------------------------------------------------------------------------------
-    def take(self, n: int) -> dict:
-        """The next `n` samples for one learner worker, as numpy arrays (zero-copy through the object store)."""
+    def take(self, n: int, learner_version: int | None = None) -> dict:
+        """The next `n` samples for one learner worker, as numpy arrays (zero-copy through the object store).
+        `learner_version` is the learner's current policy version: staleness is judged against it."""
         start = time.perf_counter()
         with self.lock:
+            if learner_version is not None:
+                self.pipeline.learner_version = max(self.pipeline.learner_version, int(learner_version))
             rollouts = self.pipeline.take(n)
         batch = _merge(rollouts)
         batch["wait_s"] = time.perf_counter() - start
@@ -157,7 +170,9 @@ class RolloutCoordinator:
         """A learner restarted from a checkpoint: whatever was sampled for the interrupted attempt is dropped
         (counted), ids continue past both the checkpoint's and this coordinator's, samplers get the weights."""
         with self.lock:
-            self.pipeline.drain()  # in-flight requests finish and are dropped with the rest
+            self.pipeline.drain()  # in-flight requests finish; they and the queued ones are never trained on
+            self.pipeline.ledger.dropped_stale.update(self.pipeline.ledger.unused)
+            self.pipeline.ledger.unused.clear()
             self.pipeline.next_id = max(self.pipeline.next_id, int(next_id))
             ref = ray.put(state)
             ray.get(self.pipeline.broadcast_async(ref, version))

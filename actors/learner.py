@@ -154,6 +154,12 @@ def train_loop_per_worker(config: dict) -> None:
     policy = build_policy({**policy_spec(cfg), "device": device})
     reward_spec = {"name": cfg.reward.name, **cfg.reward.options, **({"device": device} if device != "cpu" else {})}
     reward = build_reward(reward_spec) if cfg.algorithm.name in GRADIENT_ALGORITHMS else None
+    expected = ray.get(coordinator.base_fingerprint.remote())
+    if policy.base_fingerprint() != expected:
+        raise RuntimeError(
+            f"learner rank {rank} loaded a different base model than the samplers ({policy.base_fingerprint()} != {expected}): "
+            f"did '{cfg.model.pipeline}' change on disk while the job started?"
+        )
     learner = Learner(cfg, policy, reward)
     logger = RunLogger(config["tracking_uri"], config["run_id"], enabled=rank == 0)
 
@@ -183,7 +189,7 @@ def train_loop_per_worker(config: dict) -> None:
     for it in range(start_iteration, cfg.train.iterations):
         step = it + 1
         t0 = time.perf_counter()
-        data = ray.get(coordinator.take.remote(cfg.train.batch_size))
+        data = ray.get(coordinator.take.remote(cfg.train.batch_size, learner.policy.version))
         t1 = time.perf_counter()
         stats = learner.update(to_learner_batch(data))
         t2 = time.perf_counter()

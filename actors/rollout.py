@@ -91,6 +91,7 @@ class SamplerActor:
         _set_threads(threads)
         torch.manual_seed(0)  # LoRA initialisation identical across samplers and learner
         self.policy = build_policy({**policy_spec, "device": actor_device(use_gpu)})
+        self.fingerprint_at_start = self.policy.base_fingerprint()
 
     def set_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
         self.policy.load_trainable_state(state, version)
@@ -98,6 +99,10 @@ class SamplerActor:
 
     def version(self) -> int:
         return self.policy.version
+
+    def fingerprint(self) -> str:
+        return self.fingerprint_at_start
+
 
     def rollout(self, request: RolloutRequest) -> Rollout:
         start = time.perf_counter()
@@ -149,6 +154,7 @@ class Ledger:
     lost: set[int] = field(default_factory=set)
     handed_over: set[int] = field(default_factory=set)  # prefixes for gradient algorithms: the learner scores them
     metrics_only: set[int] = field(default_factory=set)  # full rollouts scored for metrics, never trained on
+    unused: set[int] = field(default_factory=set)  # produced and scored, still queued when the run ended
 
     def check(self) -> None:
         """Every consumed id was scored (or is a handed-over prefix), none twice; nothing consumed was dropped."""
@@ -167,11 +173,11 @@ class Ledger:
             "issued": len(self.issued), "produced": len(self.produced), "scored": len(self.scored),
             "consumed": len(self.consumed), "dropped_stale": len(self.dropped_stale),
             "quarantined": len(self.quarantined), "lost": len(self.lost), "handed_over": len(self.handed_over),
-            "metrics_only": len(self.metrics_only),
+            "metrics_only": len(self.metrics_only), "unused": len(self.unused),
         }
 
     def terminal(self) -> set[int]:
-        return set(self.consumed) | self.dropped_stale | self.quarantined | self.lost | self.metrics_only
+        return set(self.consumed) | self.dropped_stale | self.quarantined | self.lost | self.metrics_only | self.unused
 
 
 @dataclass
@@ -353,9 +359,9 @@ class RolloutPipeline:
         """Wait for every in-flight request so the ledger is final (at shutdown)."""
         while self.sampling or self.scoring:
             self.pump(timeout=1.0)
-        # Produced-and-scored rollouts that no learner took are accounted as dropped at shutdown.
+        # Produced-and-scored rollouts that no learner took are accounted as unused at shutdown.
         while self.ready:
-            self.ledger.dropped_stale.update(self.ready.popleft().ids)
+            self.ledger.unused.update(self.ready.popleft().ids)
 
 
 def _subset(rollout: Rollout, keep: np.ndarray) -> Rollout:

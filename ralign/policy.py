@@ -92,6 +92,22 @@ class DiffusionPolicy:
             uncond = encoder([""] * len(prompts))
         return cond, uncond
 
+    # ---- identity -----------------------------------------------------------------------------------------------
+    def base_fingerprint(self) -> str:
+        """sha256 of the pretrained weights (adapters excluded). Samplers and learners load the base model
+        separately; comparing fingerprints catches a model that changed on disk, or a different checkpoint, before
+        a run mixes two policies (the importance ratios would be silently wrong)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for prefix, module in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.original_text_encoder or self.text_encoder)):
+            for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+                if "lora_" in name:
+                    continue
+                h.update(f"{prefix}.{name}".encode())
+                h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     # ---- placement ----------------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:

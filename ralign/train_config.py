@@ -119,8 +119,9 @@ class RaySection(StrictModel):
     reward_gpus: float = Field(0.0, ge=0.0)
     request_batch: int = Field(4, ge=1)  # prompts per sampler request
     max_inflight_per_sampler: int = Field(2, ge=1)
-    # Request batches produced but not yet trained on (back-pressure). Default: what the learners can use within
-    # the staleness bound, (max_staleness + 1) iterations' worth; more would only be sampled to be dropped.
+    # Request batches in flight or produced but not yet trained on (back-pressure). Default: max(1, max_staleness)
+    # iterations' worth. Samplers then work on the next batch while the learners train on this one (one version
+    # behind, within the bound); a deeper queue would only hold rollouts that go stale before they are used.
     max_unconsumed: int | None = Field(None, ge=1)
     max_staleness: int = Field(1, ge=0)  # policy versions; older rollouts are dropped and counted
     metric_rollout_every: int = Field(4, ge=0)  # gradient algorithms: every N-th request is a full rollout scored by reward actors
@@ -184,4 +185,4 @@ class TrainConfig(StrictModel):
         if self.ray.max_unconsumed is not None:
             return self.ray.max_unconsumed
         per_iteration = -(-self.train.batch_size * self.ray.learners // self.ray.request_batch)
-        return (self.ray.max_staleness + 1) * per_iteration
+        return max(1, self.ray.max_staleness) * per_iteration

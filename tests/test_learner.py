@@ -155,3 +155,16 @@ def test_sd15_config_loads_a_diffusers_directory_through_the_same_path(tmp_path)
     assert learner.policy.unet.config.sample_size == tiny_random_pipeline().unet.config.sample_size
     learner.update(dpok_batch(learner))
     assert learner.engine.global_steps == 1
+
+
+def test_base_fingerprint_ignores_adapters_and_catches_a_different_base_model():
+    cfg = make_cfg()
+    a, b = build_policy(policy_spec(cfg)), build_policy(policy_spec(cfg))
+    assert a.base_fingerprint() == b.base_fingerprint()
+    with torch.no_grad():
+        for p in a.trainable_parameters():
+            p.add_(1.0)  # adapters move: same base model
+    assert a.base_fingerprint() == b.base_fingerprint()
+    with torch.no_grad():
+        next(p for n, p in b.vae.named_parameters()).add_(1e-3)
+    assert a.base_fingerprint() != b.base_fingerprint()

@@ -54,8 +54,8 @@ def test_every_rollout_delivered_once_under_backpressure(actors):
     ledger.check()
     assert len(consumed) == len(set(consumed)) == len(ledger.consumed)
     # every issued id ended in exactly one terminal state
-    terminal = set(ledger.consumed) | ledger.dropped_stale | ledger.quarantined | ledger.lost
-    assert terminal == ledger.issued
+    terminal = set(ledger.consumed) | ledger.dropped_stale | ledger.quarantined | ledger.lost | ledger.unused
+    assert terminal == ledger.issued == ledger.terminal()
     assert ledger.produced == ledger.issued and not ledger.lost
 
 
@@ -73,6 +73,7 @@ def test_stale_rollouts_are_dropped_and_counted(actors):
     assert len(pipe.ledger.dropped_stale) >= 4
     pipe.drain()
     pipe.ledger.check()
+    assert pipe.ledger.terminal() == pipe.ledger.issued
 
 
 def test_broadcast_updates_sampler_weights(actors):
@@ -87,3 +88,17 @@ def test_broadcast_updates_sampler_weights(actors):
     assert ray.get([s.version.remote() for s in samplers]) == [7, 7]
     got = ray.get(samplers[1].__ray_call__.remote(lambda self: self.policy.trainable_state()))
     assert all(torch.equal(got[k], new_state[k]) for k in state)
+
+
+def test_take_returns_exact_batches_and_keeps_the_rest_unconsumed(actors):
+    samplers, rewards = actors
+    pipe = RolloutPipeline(samplers, rewards, PromptCycle(), PipelineConfig(batch_per_request=3, max_unconsumed=2))
+    taken = []
+    for _ in range(3):
+        batch = pipe.take(2)  # requests of 3 samples are split 2 + 1, the 1 stays queued
+        assert sum(len(r.ids) for r in batch) == 2
+        taken += [i for r in batch for i in r.ids]
+    assert len(taken) == len(set(taken)) == len(pipe.ledger.consumed)
+    pipe.drain()
+    pipe.ledger.check()
+    assert pipe.ledger.terminal() == pipe.ledger.issued
