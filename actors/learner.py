@@ -204,6 +204,12 @@ def train_loop_per_worker(config: dict) -> None:
             pipe_stats = ray.get(coordinator.stats.remote())
             ledger = pipe_stats["ledger"]
             stats.update({f"pipeline/{k}": float(v) for k, v in ledger.items()})
+            # Throughput of each stage on its own (samples per second of its actors' busy time).
+            if pipe_stats["sample_s"] > 0:
+                stats["sampler_samples_per_s"] = ledger["produced"] / pipe_stats["sample_s"]
+            if pipe_stats["score_s"] > 0:
+                stats["reward_samples_per_s"] = ledger["scored"] / pipe_stats["score_s"]
+            stats["learner_samples_per_s"] = cfg.train.batch_size * learner.world_size / max(1e-9, t2 - t1)
             stats.update(ray.get(coordinator.metric_rollouts.remote()))
             if data["kind"] == "full":
                 for key, values in data["components"].items():

@@ -168,3 +168,13 @@ def test_base_fingerprint_ignores_adapters_and_catches_a_different_base_model():
     with torch.no_grad():
         next(p for n, p in b.vae.named_parameters()).add_(1e-3)
     assert a.base_fingerprint() != b.base_fingerprint()
+
+
+def test_zero_stages_0_1_2_make_identical_updates():
+    weights = []
+    for stage in (0, 1, 2):
+        learner = make_learner(make_cfg(deepspeed__zero_stage=stage))
+        learner.update(dpok_batch(learner))
+        weights.append(learner.policy.trainable_state())
+    for other in weights[1:]:
+        assert all(torch.equal(weights[0][k], other[k]) for k in weights[0])

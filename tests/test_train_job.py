@@ -111,3 +111,16 @@ def test_train_rejects_bad_configs_in_one_line(tmp_path, override, message):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "mlflow.db").exists()  # nothing was started or written
+
+
+def test_two_learner_workers_share_each_update(tmp_path):
+    out = tmp_path / "summary.json"
+    _run(_cmd(tmp_path, "--set", "ray.learners=2", "--set", "ray.learner_cpus=0.5", "--set", "train.iterations=2",
+              "--set", "train.eval.before_after=false", "--json", str(out)))
+    summary = json.loads(out.read_text())
+    # Each of the 2 workers trained on its own 4 samples per iteration: 16 samples, each exactly once.
+    assert summary["ledger"]["consumed"] == 2 * 2 * 4 and summary["ledger"]["balanced"]
+    client = MlflowClient(summary["tracking_uri"])
+    assert _iterations(client, summary["run_id"]) == [1, 2]
+    samples_per_s = client.get_metric_history(summary["run_id"], "learner_samples_per_s")
+    assert len(samples_per_s) == 2 and all(m.value > 0 for m in samples_per_s)
