@@ -120,8 +120,13 @@ class PolicyModule(torch.nn.Module):
             # children's weight shapes before their hooks gather them (transformers' CLIP embeddings do).
             self.text_encoder = policy.text_encoder
 
-    def forward(self, *args, **kwargs):  # the algorithms call the policy's parts directly
-        raise RuntimeError("PolicyModule is a container for DeepSpeed; call the policy's methods instead")
+    def forward(self, *args, **kwargs):
+        """A no-op: the algorithms call the policy's parts directly. The learner calls `engine()` once per micro-step
+        only so that DeepSpeed sees each micro-step begin: ZeRO-3 counts micro-steps in `engine.forward`, and without
+        that call it overwrites, instead of accumulating, the gradients of earlier backward passes."""
+        if args or kwargs:
+            raise RuntimeError("PolicyModule is a container for DeepSpeed; call the policy's methods instead")
+        return None
 
 
 def _dist():
@@ -161,10 +166,6 @@ class Learner:
         self.rank = dist.get_rank() if dist else 0
         self.world_size = dist.get_world_size() if dist else 1
         self.ds_config = deepspeed_config(cfg, self.world_size)
-        if cfg.deepspeed.zero_stage == 3:
-            # Measured on the tiny pipeline: ZeRO 0, 1 and 2 give bit-identical updates; ZeRO-3's first DPOK update
-            # differs (grad norm 25.95 vs 29.61, weights up to 2x lr apart). Not yet explained: use 0-2 for results.
-            log.warning("deepspeed.zero_stage=3 runs, but its updates differ from ZeRO 0-2 on the same batch (under investigation)")
         self.module = PolicyModule(policy)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.module, model_parameters=[p for p in self.module.parameters() if p.requires_grad], config=self.ds_config
@@ -186,6 +187,7 @@ class Learner:
             self._stage0_grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
         self.engine.step()
         self._backwards += 1
+        self.engine()  # the next micro-step begins (see PolicyModule.forward)
 
     def _pad_backwards(self, target: int) -> None:
         # Every rank must make the same number of backward passes per update (the engine counts them to find the
@@ -215,6 +217,7 @@ class Learner:
     def update(self, batch: LearnerBatch) -> dict[str, float]:
         """One optimiser update (several for DPOK's inner epochs) on this worker's batch; stats averaged over ranks."""
         self.engine.train()
+        self.engine()  # the first micro-step begins (see PolicyModule.forward)
         if self.cfg.algorithm.name == "dpok":
             stats = self._update_dpok(batch)
         else:

@@ -129,7 +129,6 @@ class RaySection(StrictModel):
 
 
 class DeepSpeedSection(StrictModel):
-    # 0-2 give identical updates on the same batch (tested); 3 runs but its updates differ (see ralign/learner.py).
     zero_stage: int = Field(2, ge=0, le=3)
     extra: dict = Field(default_factory=dict)  # merged into the generated DeepSpeed config (GPU runs: bf16, offload, ...)
 
