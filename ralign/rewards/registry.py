@@ -6,11 +6,13 @@ from collections.abc import Callable
 
 from ralign.rewards.clip_score import ClipScoreReward, PreferenceReward
 from ralign.rewards.colorfulness import ColorfulnessReward
+from ralign.rewards.decomposed import DecomposedPreferenceReward
 
 _BUILDERS: dict[str, Callable[..., object]] = {
     "colorfulness": ColorfulnessReward,
     "clip_score": ClipScoreReward,
     "preference": PreferenceReward,
+    "decomposed_preference": DecomposedPreferenceReward,
 }
 
 
