@@ -63,7 +63,11 @@ def _init_ray(cfg: TrainConfig) -> None:
     last = None
     for attempt in range(3):  # a loaded machine sometimes misses the raylet start-up deadline (STACK-NOTES)
         try:
-            ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=env)
+            # The dashboard serves the state API, which Ray Train V2's placement-group cleaner polls (without it
+            # that cleaner logs a warning every few seconds and cannot free a dead controller's resources).
+            # Loopback only: nothing is exposed outside the machine.
+            ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                     runtime_env=env)
             return
         except Exception as exc:  # noqa: BLE001 - retried, then re-raised
             last = exc
