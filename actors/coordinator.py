@@ -22,9 +22,7 @@ import ray
 import torch
 
 from actors.rollout import PipelineConfig, RewardActor, RolloutPipeline, SamplerActor
-from ralign.algorithms.direct_backprop import gradient_steps
-from ralign.algorithms.refl import choose_late_step
-from ralign.learner import backprop_config, refl_config
+from ralign.learner import draw_gradient_steps
 from ralign.train_config import GRADIENT_ALGORITHMS, TrainConfig
 from ralign.world.prompts import generate_mixed
 
@@ -58,21 +56,16 @@ def request_plan(cfg: TrainConfig):
     name = cfg.algorithm.name
     if name not in GRADIENT_ALGORITHMS:
         return None
-    steps = cfg.model.policy.steps
     every = cfg.ray.metric_rollout_every
     per = cfg.ray.request_batch
+    # TextCraftor: a text-encoder-training backprop run starts its chain with the original encoder.
+    original = name != "refl" and cfg.algorithm.backprop.original_text_prefix and cfg.model.policy.text_encoder != "frozen"
 
     def plan(first_id: int) -> dict:
         request_no = first_id // per
         if every and request_no % every == every - 1:
             return {"metrics_only": True}
-        gen = torch.Generator().manual_seed(cfg.train.seed * 7_919 + request_no)
-        if name == "refl":
-            grad = [choose_late_step(steps, refl_config(cfg), gen)]
-            original = False
-        else:
-            grad = gradient_steps(steps, backprop_config(cfg), gen)
-            original = cfg.algorithm.backprop.original_text_prefix and cfg.model.policy.text_encoder != "frozen"
+        grad = draw_gradient_steps(cfg, torch.Generator().manual_seed(cfg.train.seed * 7_919 + request_no))
         stop = min(grad) if cfg.algorithm.prefix_on_samplers else 0
         return {"stop_step": stop, "grad_steps": grad, "original_text": original and stop > 0}
 

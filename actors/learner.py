@@ -152,12 +152,12 @@ def train_loop_per_worker(config: dict) -> None:
 
     device = actor_device(cfg.ray.use_gpu)
     policy = build_policy({**policy_spec(cfg), "device": device})
-    reward_spec = {"name": cfg.reward.name, **cfg.reward.options, **({"device": device} if device != "cpu" else {})}
+    reward_spec = {"name": cfg.reward.name, **cfg.reward.options, "device": device}
     reward = build_reward(reward_spec) if cfg.algorithm.name in GRADIENT_ALGORITHMS else None
-    expected = ray.get(coordinator.base_fingerprint.remote())
-    if policy.base_fingerprint() != expected:
+    expected, mine = ray.get(coordinator.base_fingerprint.remote()), policy.base_fingerprint()
+    if mine != expected:
         raise RuntimeError(
-            f"learner rank {rank} loaded a different base model than the samplers ({policy.base_fingerprint()} != {expected}): "
+            f"learner rank {rank} loaded a different base model than the samplers ({mine} != {expected}): "
             f"did '{cfg.model.pipeline}' change on disk while the job started?"
         )
     learner = Learner(cfg, policy, reward)

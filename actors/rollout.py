@@ -130,7 +130,7 @@ class RewardActor:
         from ralign.rewards.registry import build_reward
 
         self.device = actor_device(use_gpu)
-        self.reward = build_reward({**reward_spec, "device": self.device} if self.device != "cpu" else reward_spec)
+        self.reward = build_reward({**reward_spec, "device": self.device})
 
     @torch.no_grad()
     def score(self, rollout: Rollout) -> Rollout:

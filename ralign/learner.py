@@ -25,9 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ralign.algorithms.advantages import PerPromptNormalizer
-from ralign.algorithms.direct_backprop import DirectBackpropConfig, backprop_update
+from ralign.algorithms.direct_backprop import DirectBackpropConfig, backprop_update, gradient_steps
 from ralign.algorithms.dpok import DPOKConfig, dpok_update
-from ralign.algorithms.refl import ReFLConfig, prefix as refl_prefix, refl_update
+from ralign.algorithms.refl import ReFLConfig, choose_late_step, prefix as refl_prefix, refl_update
 from ralign.policy import DiffusionPolicy
 from ralign.sampler import Trajectory, initial_noise
 from ralign.train_config import GRADIENT_ALGORITHMS, TrainConfig
@@ -76,6 +76,13 @@ def backprop_config(cfg: TrainConfig) -> DirectBackpropConfig:
     mode = {"draft": "draft", "alignprop": "alignprop", "interval": "interval"}[cfg.algorithm.name]
     return DirectBackpropConfig(mode=mode, k=b.k, interval=b.interval, checkpointing=b.checkpointing,
                                 loss_scale=b.loss_scale, original_text_prefix=b.original_text_prefix)
+
+
+def draw_gradient_steps(cfg: TrainConfig, generator: torch.Generator) -> list[int]:
+    """The denoising steps that carry gradient in one chain: ReFL's random late step, or direct backprop's steps."""
+    if cfg.algorithm.name == "refl":
+        return [choose_late_step(cfg.model.policy.steps, refl_config(cfg), generator)]
+    return gradient_steps(cfg.model.policy.steps, backprop_config(cfg), generator)
 
 
 def micro_batches(cfg: TrainConfig) -> int:
@@ -137,9 +144,6 @@ def _dist():
 
 def _ensure_process_group() -> None:
     """A one-process gloo group when no launcher (Ray Train) made one, so a Learner also runs in-process."""
-    from ralign.deepspeed_ops import configure_environment
-
-    configure_environment()
     import deepspeed
 
     if _dist() is None:
@@ -273,7 +277,8 @@ class Learner:
         self._backwards = 0
         totals: dict[str, float] = {}
         bad = 0
-        plans = batch.plans or [(0, self._own_plan(), len(batch.prompts))]
+        # Without a plan from the coordinator (in-process use) the learner draws the gradient steps itself.
+        plans = batch.plans or [(0, draw_gradient_steps(self.cfg, self.generator), len(batch.prompts))]
         chunk_start = 0
         for start_step, grad_steps, size in plans:
             for start in range(chunk_start, chunk_start + size, mb):
@@ -307,15 +312,6 @@ class Learner:
         for key in ("step_k", "grad_steps"):
             totals.pop(key, None)
         return self._global_mean(totals)
-
-    def _own_plan(self) -> list[int]:
-        """Gradient steps drawn by the learner when a batch comes without a plan (in-process use)."""
-        from ralign.algorithms.direct_backprop import gradient_steps
-        from ralign.algorithms.refl import choose_late_step
-
-        if self.cfg.algorithm.name == "refl":
-            return [choose_late_step(self.policy.cfg.steps, refl_config(self.cfg), self.generator)]
-        return gradient_steps(self.policy.cfg.steps, backprop_config(self.cfg), self.generator)
 
     # ---- weights and checkpoints --------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:

@@ -36,6 +36,12 @@ class PolicyConfig:
     lora_targets: tuple[str, ...] = field(default=UNET_LORA_TARGETS)
 
 
+def _step_generator(seeds: Sequence[int]) -> torch.Generator:
+    """Step noise from one generator seeded by the batch's seeds: reproducible chains for a given seed list, and a
+    prefix run elsewhere (a sampler actor) continues exactly as the full chain would."""
+    return torch.Generator().manual_seed(int(sum(int(s) * 1_000_003**i for i, s in enumerate(seeds)) % 2**63))
+
+
 class DiffusionPolicy:
     def __init__(self, pipe: StableDiffusionPipeline, cfg: PolicyConfig):
         self.cfg = cfg
@@ -144,10 +150,9 @@ class DiffusionPolicy:
         steps = steps or self.cfg.steps
         cond, uncond = self.encode(prompts)
         x_T = initial_noise(self.latent_shape(), seeds, dtype=cond.dtype, device=cond.device)
-        # Step noise from one generator seeded by the batch's seeds: reproducible rollouts for a given seed list.
-        gen = torch.Generator().manual_seed(int(sum(int(s) * 1_000_003**i for i, s in enumerate(seeds)) % 2**63))
         latents, log_probs, means, stds, ts = sample_chain(
-            self.unet, self.scheduler, cond, uncond, x_T, steps=steps, eta=self.cfg.eta, guidance=self.cfg.guidance, generator=gen
+            self.unet, self.scheduler, cond, uncond, x_T, steps=steps, eta=self.cfg.eta, guidance=self.cfg.guidance,
+            generator=_step_generator(seeds),
         )
         images = decode_latents(self.vae, latents[:, -1]) if decode else None
         return Trajectory(list(prompts), latents, log_probs, means, stds, ts, images)
@@ -161,9 +166,8 @@ class DiffusionPolicy:
         x_T = initial_noise(self.latent_shape(), seeds, dtype=cond.dtype, device=cond.device)
         if stop_step <= 0:
             return x_T
-        gen = torch.Generator().manual_seed(int(sum(int(s) * 1_000_003**i for i, s in enumerate(seeds)) % 2**63))
         latents, *_ = sample_chain(self.unet, self.scheduler, cond, uncond, x_T, steps=self.cfg.steps, eta=self.cfg.eta,
-                                   guidance=self.cfg.guidance, generator=gen, stop_step=stop_step)
+                                   guidance=self.cfg.guidance, generator=_step_generator(seeds), stop_step=stop_step)
         return latents[:, -1]
 
     def noise_pred(self, latents: torch.Tensor, timestep: int, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:

@@ -19,11 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ralign.models.reward_clip import encode_images, encode_texts, load_reward_clip
+from ralign.models.reward_clip import encode_images, encode_texts
 from ralign.rewards.base import RewardOutput
+from ralign.rewards.clip_score import TOY_DIR, PreferenceReward
 from ralign.text_encoding import split_segments
-
-TOY_DIR = Path(__file__).resolve().parent.parent / "toy_models"
 
 
 def global_mean(x: torch.Tensor) -> torch.Tensor:
@@ -44,16 +43,14 @@ def global_mean(x: torch.Tensor) -> torch.Tensor:
     return rows.mean(dim=0).to(x.device, x.dtype)
 
 
-class DecomposedPreferenceReward:
+class DecomposedPreferenceReward(PreferenceReward):
     name = "decomposed_preference"
-    differentiable = True
 
     def __init__(self, path: str | Path = TOY_DIR / "preference", w: float = 0.3, device: str = "cpu"):
         if not 0.0 <= w <= 1.0:
             raise ValueError(f"decomposed_preference: w must be in [0, 1], got {w}")
+        super().__init__(path, device)
         self.w = w
-        self.model, self.tokenizer = load_reward_clip(path)
-        self.model.requires_grad_(False).to(device)
 
     @torch.no_grad()
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
