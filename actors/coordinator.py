@@ -72,11 +72,6 @@ def request_plan(cfg: TrainConfig):
     return plan
 
 
-def policy_spec(cfg: TrainConfig) -> dict:
-    pol = cfg.model.policy.model_dump()
-    return {"pipeline": cfg.model.pipeline, "seed": cfg.train.seed, "policy": pol}
-
-
 # One call at a time, in submission order (a threaded actor would not keep order): a learner's `publish` then
 # `take` must reach the samplers in that order, so the next request is sampled with the new weights. The pump
 # runs in a plain background thread, so rollouts keep moving while a call waits.
@@ -86,7 +81,7 @@ class RolloutCoordinator:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.cfg = cfg = TrainConfig.model_validate(cfg_data)
         r = cfg.ray
-        spec = policy_spec(cfg)
+        spec = cfg.policy_spec()
         self.samplers = [
             SamplerActor.options(num_cpus=r.sampler_cpus, num_gpus=r.sampler_gpus).remote(spec, r.threads_per_actor, r.sampler_gpus > 0)
             for _ in range(r.samplers)

@@ -89,30 +89,11 @@ def to_learner_batch(data: dict) -> LearnerBatch:
 
 def evaluate_policy(policy, cfg: TrainConfig, out_dir: Path) -> dict:
     """Oracle metrics of the current policy on held-out prompts (the same path as `ralign eval`)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     from ralign.evaluation import evaluate_generator
-    from ralign.models.pipeline import generate_images
 
     e = cfg.train.eval
-    pipe = StableDiffusionPipeline(
-        vae=policy.vae, text_encoder=policy.text_encoder, tokenizer=policy.tokenizer, unet=policy.unet,
-        scheduler=DDIMScheduler.from_config(policy.scheduler.config), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-
-    def embeds(prompts):
-        with torch.no_grad():
-            return policy.encode(prompts)
-
-    steps, guidance = policy.cfg.steps, policy.cfg.guidance
-    with torch.no_grad():
-        return evaluate_generator(
-            lambda prompts: generate_images(pipe, prompts, steps=steps, guidance=guidance, seed=cfg.train.seed, batch_size=32,
-                                            prompt_embeds_fn=embeds),
-            split=e.split, n=e.n_per_family, seed=cfg.train.seed, families=e.families, grid_dir=out_dir,
-        )
+    return evaluate_generator(lambda prompts: policy.generate_images(prompts, seed=cfg.train.seed),
+                              split=e.split, n=e.n_per_family, seed=cfg.train.seed, families=e.families, grid_dir=out_dir)
 
 
 def _oracle_metrics(report: dict, prefix: str) -> dict[str, float]:
@@ -137,8 +118,7 @@ def train_loop_per_worker(config: dict) -> None:
     """Entry point of every Ray Train worker."""
     import json
 
-    from actors.coordinator import policy_spec
-    from actors.rollout import build_policy
+    from ralign.policy import build_policy
     from ralign.rewards.registry import build_reward
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -151,7 +131,7 @@ def train_loop_per_worker(config: dict) -> None:
     from actors.rollout import actor_device
 
     device = actor_device(cfg.ray.use_gpu)
-    policy = build_policy({**policy_spec(cfg), "device": device})
+    policy = build_policy({**cfg.policy_spec(), "device": device})
     reward_spec = {"name": cfg.reward.name, **cfg.reward.options, "device": device}
     reward = build_reward(reward_spec) if cfg.algorithm.name in GRADIENT_ALGORITHMS else None
     expected, mine = ray.get(coordinator.base_fingerprint.remote()), policy.base_fingerprint()

@@ -74,22 +74,13 @@ def actor_device(wants_gpu: bool) -> str:
     return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
 
 
-def build_policy(spec: dict):
-    """A DiffusionPolicy from a plain-dict spec: {"pipeline": name-or-path, "policy": {...PolicyConfig fields}}."""
-    from ralign.models.pipeline import load_pipeline
-    from ralign.models.toy_t2i import tiny_random_pipeline
-    from ralign.policy import DiffusionPolicy, PolicyConfig
-
-    name = spec.get("pipeline", "base")
-    pipe = tiny_random_pipeline(int(spec.get("seed", 0))) if name == "tiny-random" else load_pipeline(name)
-    return DiffusionPolicy(pipe, PolicyConfig(**spec.get("policy", {}))).to(spec.get("device", "cpu"))
-
-
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class SamplerActor:
     def __init__(self, policy_spec: dict, threads: int = 1, use_gpu: bool = False):
         _set_threads(threads)
         torch.manual_seed(0)  # LoRA initialisation identical across samplers and learner
+        from ralign.policy import build_policy
+
         self.policy = build_policy({**policy_spec, "device": actor_device(use_gpu)})
         self.fingerprint_at_start = self.policy.base_fingerprint()
 

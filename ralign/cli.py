@@ -130,6 +130,79 @@ def evaluate(
     typer.echo(f"image grids in {grid_dir}")
 
 
+@app.command("generate")
+def generate_command(
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="A prompt (repeatable).")] = None,
+    prompts_file: Annotated[Optional[Path], typer.Option(help="A UTF-8 text file, one prompt per line.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="A training checkpoint directory (default: the base model).")] = None,
+    pipeline: Annotated[str, typer.Option(help="Base pipeline when no --checkpoint is given.")] = "base",
+    text_encoder_weight: Annotated[float, typer.Option(help="TextCraftor interpolation: w·tuned + (1 − w)·original text embeddings.")] = 1.0,
+    mix: Annotated[Optional[list[str]], typer.Option(help="Blend in another tuned text encoder: CHECKPOINT_DIR=WEIGHT (repeatable).")] = None,
+    out: Annotated[Path, typer.Option(help="Output directory (PNGs, grid.png, prompts.txt).")] = Path("outputs/generate"),
+    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (default: the checkpoint's).")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="DDIM steps (default: the checkpoint's).")] = None,
+) -> None:
+    """Generate images with the base model or a trained checkpoint, optionally interpolating text encoders."""
+    _setup_logging()
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from ralign.evaluation import write_grid
+    from ralign.policy import DiffusionPolicy, PolicyConfig, policy_from_checkpoint
+
+    prompts = list(prompt or [])
+    if prompts_file is not None:
+        try:
+            prompts += [line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{prompts_file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    if not prompts:
+        raise UserError("no prompts: give --prompt or --prompts-file")
+    overrides = {k: v for k, v in (("guidance", guidance), ("steps", steps)) if v is not None}
+    if checkpoint is None:
+        if text_encoder_weight != 1.0 or mix:
+            raise UserError("--text-encoder-weight and --mix need a --checkpoint with a tuned text encoder")
+        from ralign.models.pipeline import load_pipeline
+
+        policy = DiffusionPolicy(load_pipeline(pipeline), PolicyConfig(unet_lora_rank=0, **overrides))
+    else:
+        policy = policy_from_checkpoint(checkpoint, text_encoder_weight=text_encoder_weight, **overrides)
+        if text_encoder_weight != 1.0 and policy.cfg.text_encoder == "frozen":
+            raise UserError(f"{checkpoint} has no tuned text encoder to interpolate (its policy has text_encoder=frozen)")
+        for item in mix or []:
+            path, sep, weight = item.rpartition("=")
+            if not sep:
+                raise UserError(f"--mix {item!r}: expected CHECKPOINT_DIR=WEIGHT")
+            policy.mix_text_encoder(load_file(str(Path(path) / "trainable.safetensors")), float(weight))
+    images = policy.generate_images(prompts, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(out / f"{i:04d}.png")
+    write_grid(out / "grid.png", prompts, images, max_images=64, judge=False)
+    typer.echo(f"wrote {len(images)} images and grid.png to {out}")
+
+
+@app.command("compare")
+def compare_command(
+    methods: Annotated[str, typer.Option(help="Comma list of rows.")] = "base,dpok,refl,draft,longalign,comat,textcraftor,textcraftor_unet",
+    n: Annotated[int, typer.Option(min=1, help="Held-out test prompts per family.")] = 32,
+    out: Annotated[Path, typer.Option(help="Directory for the Markdown table, grids and montages.")] = Path("outputs/compare"),
+    json_out: Annotated[Path, typer.Option("--json", help="The results JSON (rows of an earlier run with the same config are reused).")] = Path("benchmarks/results/compare.json"),
+    rerun: Annotated[bool, typer.Option(help="Train every method again even if the JSON holds a row with the same config.")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a field in every method's config: a.b=value.")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: each config's).")] = None,
+) -> None:
+    """Train (or reuse) every seed method and baseline, and write one table of oracle metrics on held-out prompts."""
+    _setup_logging()
+    from jobs.compare import compare, markdown_table
+
+    results = compare([m.strip() for m in methods.split(",") if m.strip()], out, json_out, n_per_family=n, reuse=not rerun,
+                      tracking_uri=tracking_uri, extra_overrides=set_ or [])
+    typer.echo(markdown_table(results))
+    typer.echo(f"wrote {json_out}, {out / 'compare.md'} and per-family montages in {out}")
+
+
 @app.command("train")
 def train_command(
     config: Annotated[Path, typer.Option(help="Training config YAML (see jobs/configs/).")] = Path("jobs/configs/quickstart.yaml"),

@@ -49,8 +49,10 @@ def evaluate_images(samples_by_family, images_by_family) -> dict:
     return report
 
 
-def write_grid(path: Path, prompts: Sequence[str], images: Sequence[np.ndarray], max_images: int = 32, scale: int = 2) -> None:
-    """A PNG grid; frames are green where the oracle judges the image all-correct, red elsewhere."""
+def write_grid(path: Path, prompts: Sequence[str], images: Sequence[np.ndarray], max_images: int = 32, scale: int = 2,
+               judge: bool = True) -> None:
+    """A PNG grid; with `judge`, frames are green where the oracle judges the image all-correct, red elsewhere
+    (toy-world prompts only); without, grey."""
     images = list(images)[:max_images]
     prompts = list(prompts)[:max_images]
     if not images:
@@ -64,8 +66,8 @@ def write_grid(path: Path, prompts: Sequence[str], images: Sequence[np.ndarray],
     draw = ImageDraw.Draw(canvas)
     for i, (prompt, img) in enumerate(zip(prompts, images)):
         x, y = (i % cols) * cell_w, (i // cols) * cell_h
-        ok = oracle.judge(prompt, img).all_correct
-        draw.rectangle([x, y, x + cell_w - 1, y + cell_h - 1], fill=(40, 170, 60) if ok else (200, 40, 40))
+        colour = ((40, 170, 60) if oracle.judge(prompt, img).all_correct else (200, 40, 40)) if judge else (160, 160, 160)
+        draw.rectangle([x, y, x + cell_w - 1, y + cell_h - 1], fill=colour)
         canvas.paste(Image.fromarray(img).resize((w * scale, h * scale), Image.Resampling.NEAREST), (x + pad, y + pad))
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)

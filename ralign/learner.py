@@ -75,7 +75,8 @@ def backprop_config(cfg: TrainConfig) -> DirectBackpropConfig:
     b = cfg.algorithm.backprop
     mode = {"draft": "draft", "alignprop": "alignprop", "interval": "interval"}[cfg.algorithm.name]
     return DirectBackpropConfig(mode=mode, k=b.k, interval=b.interval, checkpointing=b.checkpointing,
-                                loss_scale=b.loss_scale, original_text_prefix=b.original_text_prefix)
+                                loss_scale=b.loss_scale, original_text_prefix=b.original_text_prefix,
+                                attention_steps=b.attention_steps)
 
 
 def draw_gradient_steps(cfg: TrainConfig, generator: torch.Generator) -> list[int]:
@@ -171,9 +172,7 @@ class Learner:
         self.world_size = dist.get_world_size() if dist else 1
         self.ds_config = deepspeed_config(cfg, self.world_size)
         self.module = PolicyModule(policy)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.module, model_parameters=[p for p in self.module.parameters() if p.requires_grad], config=self.ds_config
-        )
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.module, model_parameters=self._param_groups(), config=self.ds_config)
         self.gas = self.ds_config["gradient_accumulation_steps"]
         self.normalizer = PerPromptNormalizer()
         self.iteration = 0  # completed iterations
@@ -181,6 +180,17 @@ class Learner:
         self.bad_rewards = 0
         self.seen_rewards = 0
         self._stage0_grad_norm = 0.0
+
+    def _param_groups(self) -> list[dict]:
+        """One optimiser group, or two when a trainable text encoder has its own rate (TextCraftor + UNet: a whole
+        encoder fine-tuned at a LoRA's rate would be destroyed)."""
+        unet = [p for p in self.policy.unet.parameters() if p.requires_grad]
+        text = [p for p in self.policy.text_encoder.parameters() if p.requires_grad]
+        lr_text = self.cfg.train.text_encoder_lr or self.cfg.train.lr
+        groups = [{"params": unet, "lr": self.cfg.train.lr}] if unet else []
+        if text:
+            groups.append({"params": text, "lr": lr_text})
+        return groups
 
     # ---- DeepSpeed plumbing -------------------------------------------------------------------------------------
     def _backward(self, loss: torch.Tensor) -> None:
@@ -337,8 +347,11 @@ class Learner:
                 "normalizer": {p: list(h) for p, h in self.normalizer.history.items()},
                 "bad_rewards": self.bad_rewards, "seen_rewards": self.seen_rewards,
                 "generator": self.generator.get_state().tolist(),
+                "policy_spec": self.cfg.policy_spec(),
             }
             record.update(extra or {})
+            if hasattr(self.reward, "save_state"):  # a reward that trains alongside (CoMat's discriminator)
+                self.reward.save_state(directory)
             (directory / STATE_FILE).write_text(json.dumps(record))
 
     def load(self, directory: str | Path) -> dict:
@@ -353,6 +366,8 @@ class Learner:
             self.normalizer.history[p].extend(h)
         self.bad_rewards, self.seen_rewards = record["bad_rewards"], record["seen_rewards"]
         self.generator.set_state(torch.tensor(record["generator"], dtype=torch.uint8))
+        if hasattr(self.reward, "load_state"):
+            self.reward.load_state(directory)
         return record
 
 

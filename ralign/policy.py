@@ -11,13 +11,14 @@ import contextlib
 import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from peft import LoraConfig
 
 from ralign.sampler import Trajectory, decode_latents, guided_noise, initial_noise, sample_chain
-from ralign.text_encoding import PlainEncoder, SegmentEncoder
+from ralign.text_encoding import PlainEncoder, SegmentEncoder, interpolate_embeddings
 
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -30,13 +31,15 @@ class PolicyConfig:
     text_lora_rank: int = 8
     text_encoding: str = "plain"  # plain | segment (LongAlign)
     segment_budget: int = 96
+    # TextCraftor's interpolation at inference: e = w·e_tuned + (1 − w)·e_original (1 = the tuned encoder alone)
+    text_encoder_weight: float = 1.0
     steps: int = 20
     eta: float = 1.0
     guidance: float = 5.0
     lora_targets: tuple[str, ...] = field(default=UNET_LORA_TARGETS)
 
 
-def _step_generator(seeds: Sequence[int]) -> torch.Generator:
+def step_generator(seeds: Sequence[int]) -> torch.Generator:
     """Step noise from one generator seeded by the batch's seeds: reproducible chains for a given seed list, and a
     prefix run elsewhere (a sampler actor) continues exactly as the full chain would."""
     return torch.Generator().manual_seed(int(sum(int(s) * 1_000_003**i for i, s in enumerate(seeds)) % 2**63))
@@ -51,6 +54,7 @@ class DiffusionPolicy:
         self.text_encoder = pipe.text_encoder
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         self.version = 0
+        self.mixed_text_encoders: list[tuple[float, torch.nn.Module]] = []  # other tuned encoders to blend in
         for module in (self.unet, self.vae, self.text_encoder):
             module.requires_grad_(False)
             module.eval()
@@ -86,17 +90,42 @@ class DiffusionPolicy:
             return PlainEncoder(text_encoder, self.tokenizer)
         raise ValueError(f"text_encoding must be plain or segment, got {self.cfg.text_encoding!r}")
 
-    def encode(self, prompts: Sequence[str], original: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cond, uncond) embeddings; `original=True` uses the pretrained text encoder (TextCraftor's prefix)."""
-        encoder_module = self.text_encoder
-        if original:
-            encoder_module = self.original_text_encoder if self.original_text_encoder is not None else self.text_encoder
-        encoder = self._encoder_for(encoder_module)
+    def _encode_with(self, module: torch.nn.Module, prompts: Sequence[str], original: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        encoder = self._encoder_for(module)
         ctx = self.reference() if original and self.cfg.text_encoder == "lora" else contextlib.nullcontext()
         with ctx:
-            cond = encoder(list(prompts))
-            uncond = encoder([""] * len(prompts))
-        return cond, uncond
+            return encoder(list(prompts)), encoder([""] * len(prompts))
+
+    def encode(self, prompts: Sequence[str], original: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond) embeddings; `original=True` uses the pretrained text encoder (TextCraftor's prefix).
+        With a tuned encoder, `cfg.text_encoder_weight` and `mixed_text_encoders` blend it with the original one
+        (TextCraftor's interpolation); the blend applies to the empty prompt too, so guidance stays consistent."""
+        original_module = self.original_text_encoder if self.original_text_encoder is not None else self.text_encoder
+        if original or self.cfg.text_encoder == "frozen":
+            return self._encode_with(original_module, prompts, original=True)
+        tuned = self._encode_with(self.text_encoder, prompts, original=False)
+        if self.cfg.text_encoder_weight == 1.0 and not self.mixed_text_encoders:
+            return tuned
+        with torch.no_grad():
+            base = self._encode_with(original_module, prompts, original=True)
+        blends = [(self.cfg.text_encoder_weight, tuned)]
+        for weight, module in self.mixed_text_encoders:
+            blends.append((weight, self._encode_with(module, prompts, original=False)))
+        return tuple(interpolate_embeddings(base[i], [(w, e[i]) for w, e in blends]) for i in (0, 1))
+
+    def mix_text_encoder(self, state: dict[str, torch.Tensor], weight: float) -> None:
+        """Blend in another tuned text encoder (its `text_encoder.*` tensors from a checkpoint) with `weight`."""
+        if self.cfg.text_encoder != "full":
+            raise ValueError("mixing tuned text encoders needs model.policy.text_encoder=full (whole-encoder checkpoints)")
+        module = copy.deepcopy(self.original_text_encoder)
+        prefix = "text_encoder."
+        tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not tensors:
+            raise ValueError("the checkpoint to mix holds no text-encoder weights")
+        missing, unexpected = module.load_state_dict(tensors, strict=False)
+        if unexpected:
+            raise ValueError(f"the checkpoint to mix does not fit this text encoder: unexpected {unexpected[:3]}")
+        self.mixed_text_encoders.append((weight, module.requires_grad_(False).eval()))
 
     # ---- identity -----------------------------------------------------------------------------------------------
     def base_fingerprint(self) -> str:
@@ -152,7 +181,7 @@ class DiffusionPolicy:
         x_T = initial_noise(self.latent_shape(), seeds, dtype=cond.dtype, device=cond.device)
         latents, log_probs, means, stds, ts = sample_chain(
             self.unet, self.scheduler, cond, uncond, x_T, steps=steps, eta=self.cfg.eta, guidance=self.cfg.guidance,
-            generator=_step_generator(seeds),
+            generator=step_generator(seeds),
         )
         images = decode_latents(self.vae, latents[:, -1]) if decode else None
         return Trajectory(list(prompts), latents, log_probs, means, stds, ts, images)
@@ -167,8 +196,25 @@ class DiffusionPolicy:
         if stop_step <= 0:
             return x_T
         latents, *_ = sample_chain(self.unet, self.scheduler, cond, uncond, x_T, steps=self.cfg.steps, eta=self.cfg.eta,
-                                   guidance=self.cfg.guidance, generator=_step_generator(seeds), stop_step=stop_step)
+                                   guidance=self.cfg.guidance, generator=step_generator(seeds), stop_step=stop_step)
         return latents[:, -1]
+
+    @torch.no_grad()
+    def generate_images(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 32) -> list:
+        """uint8 images through diffusers' pipeline with this policy's parts and text encoding (segments,
+        interpolation); image i depends only on (seed, i), as in `ralign eval`."""
+        from diffusers import StableDiffusionPipeline
+
+        from ralign.models.pipeline import generate_images
+
+        pipe = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=DDIMScheduler.from_config(self.scheduler.config), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return generate_images(pipe, prompts, steps=self.cfg.steps, guidance=self.cfg.guidance, seed=seed,
+                               batch_size=batch_size, prompt_embeds_fn=self.encode)
 
     def noise_pred(self, latents: torch.Tensor, timestep: int, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         return guided_noise(self.unet, latents, timestep, cond, uncond, self.cfg.guidance)
@@ -198,3 +244,37 @@ class DiffusionPolicy:
                     raise ValueError(f"weights do not fit this policy: {k} has shape {tuple(v.shape)}, expected {tuple(params[k].shape)}")
                 params[k].copy_(v)
         self.version = version
+
+
+def build_policy(spec: dict) -> DiffusionPolicy:
+    """A DiffusionPolicy from a plain-dict spec (`TrainConfig.policy_spec()`, or a checkpoint's learner state):
+    {"pipeline": name-or-path, "seed": .., "policy": {...PolicyConfig fields}, "device": ..}."""
+    from ralign.models.pipeline import load_pipeline
+    from ralign.models.toy_t2i import tiny_random_pipeline
+
+    name = spec.get("pipeline", "base")
+    pipe = tiny_random_pipeline(int(spec.get("seed", 0))) if name == "tiny-random" else load_pipeline(name)
+    return DiffusionPolicy(pipe, PolicyConfig(**spec.get("policy", {}))).to(spec.get("device", "cpu"))
+
+
+def policy_from_checkpoint(directory: str | Path, device: str = "cpu", **policy_overrides) -> DiffusionPolicy:
+    """The policy a learner checkpoint holds: its base model and policy settings (learner_state.json) plus its
+    trainable weights (trainable.safetensors). `policy_overrides` change inference-only settings (e.g.
+    text_encoder_weight, guidance, steps)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    state_file, weights_file = directory / "learner_state.json", directory / "trainable.safetensors"
+    for f in (state_file, weights_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{directory} is not a ralign checkpoint: {f.name} is missing")
+    record = json.loads(state_file.read_text())
+    if "policy_spec" not in record:
+        raise ValueError(f"{state_file} has no policy_spec (written by an older ralign); cannot tell which model it belongs to")
+    spec = record["policy_spec"]
+    spec = {**spec, "policy": {**spec["policy"], **policy_overrides}, "device": device}
+    policy = build_policy(spec)
+    policy.load_trainable_state(load_file(str(weights_file)), int(record.get("version", 0)))
+    return policy

@@ -90,3 +90,15 @@ class SegmentEncoder:
         ids = self.tokenizer(split_segments(prompt), truncation=True, max_length=self.tokenizer.model_max_length).input_ids
         drop = self._special_ids()
         return sum(sum(1 for i in seg if i not in drop) for seg in ids)
+
+
+def interpolate_embeddings(original: torch.Tensor, tuned: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """TextCraftor's interpolation, for one or several tuned encoders: e = Σ_i w_i·e_i + (1 − Σ_i w_i)·e_original.
+    With one encoder, w = 0 gives the original embedding and w = 1 the tuned one; weights may go beyond [0, 1]."""
+    total = sum(w for w, _ in tuned)
+    out = (1.0 - total) * original
+    for w, e in tuned:
+        if e.shape != original.shape:
+            raise ValueError(f"embeddings to interpolate differ in shape: {tuple(e.shape)} vs {tuple(original.shape)}")
+        out = out + w * e
+    return out

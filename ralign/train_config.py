@@ -26,6 +26,7 @@ class PolicySection(StrictModel):
     text_lora_rank: int = Field(8, ge=1)
     text_encoding: Literal["plain", "segment"] = "plain"
     segment_budget: int = Field(96, ge=8)
+    text_encoder_weight: float = 1.0  # TextCraftor interpolation (evaluation/inference); needs a tuned text encoder
     steps: int = Field(20, ge=1, le=1000)
     eta: float = Field(1.0, ge=0.0, le=1.0)
     guidance: float = Field(3.0, ge=1.0)
@@ -58,6 +59,7 @@ class BackpropSection(StrictModel):
     checkpointing: bool = True
     loss_scale: float = Field(1.0, gt=0.0)
     original_text_prefix: bool = True
+    attention_steps: int = Field(2, ge=1)  # rewards that use cross-attention (CoMat): gradient steps whose maps are captured
 
 
 class AlgorithmSection(StrictModel):
@@ -95,6 +97,7 @@ class TrainSection(StrictModel):
     batch_size: int = Field(8, ge=1)  # samples per learner worker per iteration
     micro_batch: int = Field(4, ge=1)  # samples per forward/backward
     lr: float = Field(3e-4, gt=0.0)
+    text_encoder_lr: float | None = Field(None, gt=0.0)  # a trainable text encoder's own rate (default: lr)
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
     seed: int = 0
@@ -153,14 +156,20 @@ class TrainConfig(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
         algo, pol = self.algorithm, self.model.policy
-        from ralign.rewards.registry import is_differentiable, reward_names
+        from ralign.rewards.registry import is_differentiable, needs_chain_inputs, reward_names
 
         if self.reward.name not in reward_names():
             raise ValueError(f"reward.name={self.reward.name!r} is not a known reward; expected one of {reward_names()}")
-        if algo.name in GRADIENT_ALGORITHMS and not is_differentiable(self.reward.name):
-            raise ValueError(f"algorithm.name={algo.name} needs a differentiable reward; reward.name={self.reward.name} is not")
+        if algo.name in GRADIENT_ALGORITHMS and not is_differentiable(self.reward.name, self.reward.options):
+            raise ValueError(f"algorithm.name={algo.name} needs a differentiable reward; reward.name={self.reward.name} "
+                             f"{'has a non-differentiable term' if self.reward.name == 'weighted' else 'is not'}")
+        if algo.name == "dpok" and needs_chain_inputs(self.reward.name, self.reward.options):
+            raise ValueError(f"reward.name={self.reward.name} needs cross-attention maps or latents from a gradient chain; "
+                             "algorithm.name=dpok scores finished images only")
         if algo.name == "dpok" and pol.eta <= 0:
             raise ValueError("algorithm.name=dpok needs model.policy.eta > 0 (a deterministic chain has no log-probabilities)")
+        if pol.text_encoder_weight != 1.0 and pol.text_encoder == "frozen":
+            raise ValueError("model.policy.text_encoder_weight interpolates a tuned text encoder; model.policy.text_encoder=frozen has none")
         if pol.unet_lora_rank == 0 and pol.text_encoder == "frozen":
             raise ValueError("nothing to train: model.policy.unet_lora_rank=0 and model.policy.text_encoder=frozen")
         if algo.name == "refl" and not (algo.refl.late_step_min < algo.refl.late_step_max <= pol.steps):
@@ -180,6 +189,10 @@ class TrainConfig(StrictModel):
                 f"train.micro_batch={self.train.micro_batch} and to divide train.batch_size={self.train.batch_size}"
             )
         return self
+
+    def policy_spec(self) -> dict:
+        """What `ralign.policy.build_policy` needs; also written into every checkpoint, so one loads on its own."""
+        return {"pipeline": self.model.pipeline, "seed": self.train.seed, "policy": self.model.policy.model_dump()}
 
     def unconsumed_bound(self) -> int:
         if self.ray.max_unconsumed is not None:

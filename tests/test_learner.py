@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.coordinator import PromptSource, policy_spec, request_plan
-from actors.rollout import build_policy
+from actors.coordinator import PromptSource, request_plan
+from ralign.policy import build_policy
 from ralign.config import parse_config
 from ralign.learner import BadRewardsError, Learner, LearnerBatch, backwards_per_update
 from ralign.rewards.base import RewardOutput
@@ -37,7 +37,7 @@ def make_cfg(**over) -> TrainConfig:
 
 def make_learner(cfg: TrainConfig, reward=None) -> Learner:
     torch.manual_seed(0)
-    policy = build_policy(policy_spec(cfg))
+    policy = build_policy(cfg.policy_spec())
     return Learner(cfg, policy, reward)
 
 
@@ -73,7 +73,7 @@ def test_gradient_algorithms_update_through_deepspeed(name):
 
 def test_handed_over_prefix_is_the_start_of_the_full_chain():
     cfg = make_cfg()
-    policy = build_policy(policy_spec(cfg))
+    policy = build_policy(cfg.policy_spec())
     full = policy.sample(PROMPTS[:2], SEEDS[:2], decode=False)
     for k in (0, 2, 3):
         assert torch.equal(policy.sample_prefix(PROMPTS[:2], SEEDS[:2], k), full.latents[:, k])
@@ -159,7 +159,7 @@ def test_sd15_config_loads_a_diffusers_directory_through_the_same_path(tmp_path)
 
 def test_base_fingerprint_ignores_adapters_and_catches_a_different_base_model():
     cfg = make_cfg()
-    a, b = build_policy(policy_spec(cfg)), build_policy(policy_spec(cfg))
+    a, b = build_policy(cfg.policy_spec()), build_policy(cfg.policy_spec())
     assert a.base_fingerprint() == b.base_fingerprint()
     with torch.no_grad():
         for p in a.trainable_parameters():

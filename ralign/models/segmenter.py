@@ -15,6 +15,9 @@ from ralign.models.tokenizer import build_word_tokenizer
 from ralign.world.scene import IMAGE_SIZE
 
 SEGMENTER_MAX_TOKENS = 16
+# Pixels above threshold for a phrase to count as found (the smallest rendered object covers ~40): CLIPSeg has no
+# detection head, and a few stray pixels must not turn an absent object into a mask.
+MIN_DETECTION_AREA = 12
 
 
 def build_segmenter(tokenizer=None) -> tuple[CLIPSegForImageSegmentation, object]:

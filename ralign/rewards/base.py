@@ -1,8 +1,15 @@
 """The reward interface every reward implements, and a guard that quarantines bad reward values.
 
-A reward maps images (B, 3, H, W) in [0, 1] and their prompts (optionally the sampler's cross-attention maps) to a
-per-sample score plus named components (so MLflow shows each). Differentiable rewards return tensors that carry
-gradients to the images; non-differentiable ones may return detached tensors and say so with `differentiable`.
+A reward maps images (B, 3, H, W) in [0, 1] and their prompts to a per-sample score plus named components (so MLflow
+shows each). Differentiable rewards return tensors that carry gradients to the images; non-differentiable ones may
+return detached tensors and say so with `differentiable`.
+
+Some rewards need more of the chain than the images; they say so with class attributes and receive keyword inputs
+from the gradient algorithms (which have them), never from reward actors (which see only images):
+- `uses_attention`: `attention={"maps": [per captured step: {group: [(B, side, side, tokens)]}], "tokenizer": ..}`,
+  the UNet's cross-attention maps (ralign/attention_capture.py), with their graph;
+- `uses_latents`: `latents=(B, C, h, w)`, the final latents before decoding.
+A reward with an `adversarial_update(real_latents, fake_latents)` method also trains (CoMat's discriminator).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ class Reward(Protocol):
     name: str
     differentiable: bool
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str], attention: dict | None = None) -> RewardOutput: ...
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], **inputs) -> RewardOutput: ...
 
 
 def finite_mask(output: RewardOutput) -> torch.Tensor:

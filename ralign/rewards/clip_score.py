@@ -27,7 +27,7 @@ class ClipScoreReward:
         self.model, self.tokenizer = load_reward_clip(path)
         self.model.requires_grad_(False).to(device)
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str], attention: dict | None = None) -> RewardOutput:
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], **_) -> RewardOutput:
         score = (encode_images(self.model, images) * encode_texts(self.model, self.tokenizer, prompts)).sum(-1)
         return RewardOutput(score, {"clip_score": score})
 
@@ -40,6 +40,6 @@ class PreferenceReward(ClipScoreReward):
     def __init__(self, path: str | Path = TOY_DIR / "preference", device: str = "cpu"):
         super().__init__(path, device)
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str], attention: dict | None = None) -> RewardOutput:
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], **_) -> RewardOutput:
         score = (encode_images(self.model, images) * encode_texts(self.model, self.tokenizer, prompts)).sum(-1)
         return RewardOutput(score, {"preference": score})

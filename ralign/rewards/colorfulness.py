@@ -20,7 +20,7 @@ class ColorfulnessReward:
     def __init__(self, device: str = "cpu"):
         self.device = device  # no weights: works on whatever device the images are on
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str], attention: dict | None = None) -> RewardOutput:
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], **_) -> RewardOutput:
         r, g, b = images[:, 0], images[:, 1], images[:, 2]
         rg = r - g
         yb = 0.5 * (r + g) - b

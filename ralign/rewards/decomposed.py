@@ -63,7 +63,7 @@ class DecomposedPreferenceReward(PreferenceReward):
             start += len(segs)
         return torch.stack(out)
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str], attention: dict | None = None) -> RewardOutput:
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], **_) -> RewardOutput:
         f = encode_images(self.model, images)
         t = self.text_embeddings(prompts)
         v = F.normalize(global_mean(t), dim=-1)

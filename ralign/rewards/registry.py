@@ -1,18 +1,22 @@
-"""Build rewards from config: `{"name": ..., **options}` -> a Reward object (in-process, or inside a Ray actor)."""
+"""Build rewards from config: `{"name": ..., **options}` -> a Reward object (in-process, or inside a Ray actor).
+
+Builders are imported lazily, so a process that scores with the CLIP reward does not import the captioner's or the
+segmenter's model code."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
-from ralign.rewards.clip_score import ClipScoreReward, PreferenceReward
-from ralign.rewards.colorfulness import ColorfulnessReward
-from ralign.rewards.decomposed import DecomposedPreferenceReward
-
-_BUILDERS: dict[str, Callable[..., object]] = {
-    "colorfulness": ColorfulnessReward,
-    "clip_score": ClipScoreReward,
-    "preference": PreferenceReward,
-    "decomposed_preference": DecomposedPreferenceReward,
+_BUILDERS: dict[str, str | Callable[..., object]] = {
+    "colorfulness": "ralign.rewards.colorfulness:ColorfulnessReward",
+    "clip_score": "ralign.rewards.clip_score:ClipScoreReward",
+    "preference": "ralign.rewards.clip_score:PreferenceReward",
+    "decomposed_preference": "ralign.rewards.decomposed:DecomposedPreferenceReward",
+    "caption": "ralign.rewards.caption:CaptionReward",
+    "grounded_attention": "ralign.rewards.grounded_attention:GroundedAttentionReward",
+    "fidelity": "ralign.rewards.fidelity:FidelityDiscriminator",
+    "weighted": "ralign.rewards.weighted:WeightedReward",
 }
 
 
@@ -24,13 +28,33 @@ def reward_names() -> list[str]:
     return sorted(_BUILDERS)
 
 
-def is_differentiable(name: str) -> bool:
-    return bool(getattr(_BUILDERS[name], "differentiable", False))
+def reward_class(name: str):
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown reward {name!r}; expected one of {reward_names()}")
+    builder = _BUILDERS[name]
+    if isinstance(builder, str):
+        module, attr = builder.split(":")
+        builder = getattr(importlib.import_module(module), attr)
+    return builder
+
+
+def is_differentiable(name: str, options: dict | None = None) -> bool:
+    if name == "weighted":
+        from ralign.rewards.weighted import terms_differentiable
+
+        return terms_differentiable((options or {}).get("terms", []))
+    return bool(getattr(reward_class(name), "differentiable", False))
+
+
+def needs_chain_inputs(name: str, options: dict | None = None) -> list[str]:
+    """Names of the (terms of the) reward that need attention maps or latents from a gradient algorithm's chain."""
+    if name == "weighted":
+        return [n for t in (options or {}).get("terms", []) for n in needs_chain_inputs(t.get("name"), t)]
+    cls = reward_class(name)
+    return [name] if getattr(cls, "uses_attention", False) or getattr(cls, "uses_latents", False) else []
 
 
 def build_reward(spec: dict):
     spec = dict(spec)
     name = spec.pop("name", None)
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown reward {name!r}; expected one of {reward_names()}")
-    return _BUILDERS[name](**spec)
+    return reward_class(name)(**spec)

@@ -1,0 +1,207 @@
+"""`ralign compare`: train (or reuse) every method for its default budget on the toy world and tabulate what each did
+to prompt alignment, measured by the oracle on held-out `test` prompts (including colour-shape combinations never
+seen in training), with fidelity, training reward and wall time.
+
+Rows: `base` (no training) and one per method config; every trained row is one `ralign train` run (same engine,
+same MLflow tracking) with the evaluation settings overridden to be identical across rows: split `test`, all six
+families, `n_per_family` prompts, seed 0, each model at its own sampling settings. Results are written after every
+method (a crash loses nothing already measured), as JSON (`benchmarks/results/compare.json` shape) and Markdown, plus
+per-method, per-family image grids and one montage per family (a row of images per method).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+from ralign.config import load_config
+from ralign.train_config import TrainConfig
+from ralign.world.prompts import FAMILIES
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+METHODS: dict[str, str | None] = {
+    "base": None,
+    "dpok": "dpok.yaml",  # DPOK + CLIP score
+    "refl": "refl.yaml",  # ReFL + preference
+    "draft": "draft.yaml",  # direct backprop (DRaFT-K) + preference
+    "longalign": "longalign.yaml",
+    "comat": "comat.yaml",
+    "textcraftor": "textcraftor.yaml",
+    "textcraftor_unet": "textcraftor_unet.yaml",
+}
+LABELS = {
+    "base": "base (no training)", "dpok": "DPOK + CLIP score", "refl": "ReFL + preference",
+    "draft": "DRaFT-2 + preference", "longalign": "LongAlign", "comat": "CoMat", "textcraftor": "TextCraftor",
+    "textcraftor_unet": "TextCraftor + UNet",
+}
+FAMILY_METRICS = ("all_correct", "object_recall", "binding_acc", "count_acc", "spatial_acc", "artifact_rate")
+
+
+def machine() -> dict:
+    import os
+
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "gpu": torch.cuda.is_available()}
+
+
+def method_config(method: str, n_per_family: int, tracking_uri: str | None, extra: list[str]) -> TrainConfig:
+    overrides = [
+        "train.eval.split=test", f"train.eval.n_per_family={n_per_family}", f"train.eval.families={json.dumps(list(FAMILIES))}",
+        "train.eval.before_after=true", "train.eval.every=0", "train.seed=0", "tracking.experiment=ralign-compare",
+        f"tracking.run_name=compare-{method}", *extra,
+    ]
+    if tracking_uri:
+        overrides.append(f"tracking.tracking_uri={tracking_uri}")
+    return load_config(TrainConfig, CONFIG_DIR / METHODS[method], overrides)
+
+
+def _digest(cfg: TrainConfig | None, n_per_family: int) -> str:
+    text = cfg.model_dump_json(exclude={"tracking"}) if cfg is not None else f"base-{n_per_family}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _row(report: dict, summary: dict | None, wall_s: float, digest: str) -> dict:
+    return {
+        "families": {f: {k: m.get(k) for k in (*FAMILY_METRICS, "n")} for f, m in report["families"].items()},
+        "overall": report["overall"],
+        "unseen_combos": report.get("unseen_combos"),
+        "fidelity": report["fidelity"],
+        "train_reward": summary["reward_last"] if summary else None,
+        "train_reward_first": summary["reward_first"] if summary else None,
+        "reward": summary["reward"] if summary else None,
+        "algorithm": summary["algorithm"] if summary else None,
+        "iterations": summary["iterations"] if summary else 0,
+        "run_id": summary["run_id"] if summary else None,
+        "oracle_before_overall": summary["oracle_before"]["overall"] if summary and summary.get("oracle_before") else None,
+        "wall_s": round(wall_s, 1),
+        "config_digest": digest,
+    }
+
+
+def evaluate_base(n_per_family: int, out_dir: Path) -> dict:
+    """The untrained base model at the training configs' sampling settings (10 DDIM steps, guidance 3, plain
+    encoding), on the same prompts and noise as every trained row's evaluation."""
+    from ralign.evaluation import evaluate_generator
+    from ralign.models.pipeline import load_pipeline
+    from ralign.policy import DiffusionPolicy, PolicyConfig
+
+    ref = load_config(TrainConfig, CONFIG_DIR / "draft.yaml").model.policy
+    policy = DiffusionPolicy(load_pipeline("base"), PolicyConfig(unet_lora_rank=0, steps=ref.steps, eta=ref.eta, guidance=ref.guidance))
+    return evaluate_generator(lambda prompts: policy.generate_images(prompts, seed=0), split="test", n=n_per_family, seed=0,
+                              families=FAMILIES, grid_dir=out_dir / "grids" / "base")
+
+
+def _fetch_grids(summary: dict, dest: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(summary["tracking_uri"])
+    path = f"eval/iteration_{summary['iterations']:04d}"
+    dest.mkdir(parents=True, exist_ok=True)
+    local = Path(client.download_artifacts(summary["run_id"], path, str(dest.parent / f".{dest.name}_download")))
+    for png in local.glob("grid_*.png"):
+        png.replace(dest / png.name)
+
+
+def write_montages(out_dir: Path, methods: list[str]) -> list[Path]:
+    """One PNG per family: the first row of each method's grid (the same prompts and noise), labelled."""
+    from PIL import Image, ImageDraw
+
+    from ralign.world.scene import IMAGE_SIZE
+
+    row_height = IMAGE_SIZE * 2 + 6  # ralign.evaluation.write_grid: scale 2, 3-pixel frame
+
+    written = []
+    for fam in FAMILIES:
+        rows = []
+        for m in methods:
+            path = out_dir / "grids" / m / f"grid_{fam}.png"
+            if path.is_file():
+                grid = Image.open(path).convert("RGB")
+                rows.append((m, grid.crop((0, 0, grid.width, min(grid.height, row_height)))))
+        if not rows:
+            continue
+        label_w = 150
+        width = label_w + max(r.width for _, r in rows)
+        canvas = Image.new("RGB", (width, sum(r.height for _, r in rows)), (255, 255, 255))
+        draw = ImageDraw.Draw(canvas)
+        y = 0
+        for m, r in rows:
+            canvas.paste(r, (label_w, y))
+            draw.text((6, y + r.height // 2 - 6), LABELS.get(m, m), fill=(0, 0, 0))
+            y += r.height
+        target = out_dir / f"montage_{fam}.png"
+        canvas.save(target)
+        written.append(target)
+    return written
+
+
+def markdown_table(results: dict) -> str:
+    rows = results["rows"]
+    fams = list(FAMILIES)
+    head = ["method", *fams, "overall", "unseen", "KID", "artefacts", "train reward (first→last)", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, r in rows.items():
+        fam_cells = [f"{r['families'][f]['all_correct']:.2f}" if f in r["families"] else "" for f in fams]
+        unseen = f"{r['unseen_combos']['all_correct']:.2f}" if r.get("unseen_combos") else ""
+        reward = (f"{r['train_reward_first']:.3f}→{r['train_reward']:.3f}" if r.get("train_reward") is not None else "–")
+        lines.append("| " + " | ".join([LABELS.get(m, m), *fam_cells, f"{r['overall']['all_correct']:.3f}", unseen,
+                                         f"{r['fidelity']['kid']:.2f}", f"{r['fidelity']['artifact_rate']:.3f}", reward,
+                                         f"{r['wall_s']:.0f}"]) + " |")
+    lines.append("")
+    lines.append(f"All-correct rate per family on {results['n_per_family']} held-out `test` prompts per family (oracle); "
+                 "unseen = prompts with a colour-shape combination never used in training; KID x 1e3 on image statistics "
+                 "against clean renders of the same prompts (lower is closer); artefacts = oracle artefact rate.")
+    details = ["", "| method | family | object recall | binding | count | spatial |", "|---|---|---|---|---|---|"]
+    for m, r in rows.items():
+        for f, v in r["families"].items():
+            cells = [f"{v[k]:.2f}" if v.get(k) is not None else "–" for k in ("object_recall", "binding_acc", "count_acc", "spatial_acc")]
+            details.append(f"| {LABELS.get(m, m)} | {f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + details) + "\n"
+
+
+def compare(methods: list[str], out_dir: Path, json_out: Path, n_per_family: int = 32, reuse: bool = True,
+            tracking_uri: str | None = None, extra_overrides: list[str] | None = None) -> dict:
+    from jobs.train import train
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; expected some of {list(METHODS)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {"machine": machine(), "n_per_family": n_per_family, "split": "test", "rows": {}}
+    if json_out.is_file():
+        previous = json.loads(json_out.read_text())
+        if previous.get("n_per_family") == n_per_family:
+            results["rows"] = previous.get("rows", {})
+    for method in methods:
+        cfg = None if METHODS[method] is None else method_config(method, n_per_family, tracking_uri, extra_overrides or [])
+        digest = _digest(cfg, n_per_family)
+        if reuse and results["rows"].get(method, {}).get("config_digest") == digest:
+            log.info("compare: reusing %s (same config, digest %s)", method, digest)
+            continue
+        log.info("compare: %s ...", method)
+        start = time.time()
+        if cfg is None:
+            report, summary = evaluate_base(n_per_family, out_dir), None
+        else:
+            summary = train(cfg)
+            report = summary["oracle_after"]
+            _fetch_grids(summary, out_dir / "grids" / method)
+        results["rows"][method] = _row(report, summary, time.time() - start, digest)
+        results["rows"] = {m: results["rows"][m] for m in METHODS if m in results["rows"]}
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(results, indent=2) + "\n")
+        (out_dir / "compare.md").write_text(markdown_table(results))
+        log.info("compare: %s done in %.0fs: overall all-correct %.3f", method, time.time() - start, report["overall"]["all_correct"])
+    write_montages(out_dir, [m for m in METHODS if m in results["rows"]])
+    md = markdown_table(results)
+    (out_dir / "compare.md").write_text(md)
+    json_out.with_suffix(".md").write_text(md)
+    return results

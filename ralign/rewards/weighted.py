@@ -1,0 +1,84 @@
+"""A weighted sum of rewards: CoMat's objective (caption + attribute concentration + adversarial fidelity) and
+TextCraftor's multi-reward loss (CLIP score + preference + ...) are both `Σ_i w_i · r_i`.
+
+Config: `{"name": "weighted", "terms": [{"name": "caption", "weight": 1.0, ...options}, ...]}`. Each term's own
+components are reported as `TERM/COMPONENT`, its score as `TERM`. Terms that need the chain's internals
+(`uses_attention`, `uses_latents`) are scored only where those are passed (the gradient algorithms in the learner);
+a reward actor scoring finished images reports the other terms and lists the skipped ones in `skipped_terms`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ralign.rewards.base import RewardOutput
+
+
+class WeightedReward:
+    name = "weighted"
+    differentiable = True  # checked per term by `terms_differentiable` (the config validator asks it)
+
+    def __init__(self, terms: Sequence[dict], device: str = "cpu"):
+        from ralign.rewards.registry import build_reward
+
+        if not terms:
+            raise ValueError("reward 'weighted' needs at least one term")
+        self.terms = []
+        seen = set()
+        for spec in terms:
+            spec = dict(spec)
+            if "weight" not in spec or "name" not in spec:
+                raise ValueError(f"every weighted term needs a name and a weight, got {spec}")
+            weight = float(spec.pop("weight"))
+            if spec["name"] in seen:
+                raise ValueError(f"reward term {spec['name']!r} appears twice")
+            seen.add(spec["name"])
+            self.terms.append((weight, build_reward({**spec, "device": device})))
+        self.uses_attention = any(getattr(r, "uses_attention", False) for _, r in self.terms)
+        self.uses_latents = any(getattr(r, "uses_latents", False) for _, r in self.terms)
+        self.differentiable = all(getattr(r, "differentiable", False) for _, r in self.terms)
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], attention=None, latents=None) -> RewardOutput:
+        total = images.new_zeros(len(prompts))
+        components: dict[str, torch.Tensor] = {}
+        skipped = 0
+        for weight, reward in self.terms:
+            if (getattr(reward, "uses_attention", False) and attention is None) or (getattr(reward, "uses_latents", False) and latents is None):
+                skipped += 1
+                continue
+            out = reward(images, prompts, attention=attention, latents=latents)
+            total = total + weight * out.score
+            components[reward.name] = out.score.detach()
+            components.update({f"{reward.name}/{k}": v for k, v in out.components.items() if k != reward.name})
+        if skipped:
+            components["skipped_terms"] = torch.full((len(prompts),), float(skipped))
+        return RewardOutput(total, components)
+
+    def adversarial_update(self, real_latents: torch.Tensor, fake_latents: torch.Tensor) -> dict[str, float]:
+        stats = {}
+        for _, reward in self.terms:
+            if hasattr(reward, "adversarial_update"):
+                stats.update(reward.adversarial_update(real_latents, fake_latents))
+        return stats
+
+    @property
+    def trains(self) -> bool:
+        return any(hasattr(r, "adversarial_update") for _, r in self.terms)
+
+    def save_state(self, directory) -> None:
+        for _, reward in self.terms:
+            if hasattr(reward, "save_state"):
+                reward.save_state(directory)
+
+    def load_state(self, directory) -> None:
+        for _, reward in self.terms:
+            if hasattr(reward, "load_state"):
+                reward.load_state(directory)
+
+
+def terms_differentiable(terms: Sequence[dict]) -> bool:
+    from ralign.rewards.registry import is_differentiable
+
+    return all(is_differentiable(t.get("name"), t) for t in terms)
