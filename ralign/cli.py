@@ -183,6 +183,21 @@ def generate_command(
     typer.echo(f"wrote {len(images)} images and grid.png to {out}")
 
 
+@app.command("sft")
+def sft_command(
+    config: Annotated[Path, typer.Option(help="SFT config YAML.")] = Path("jobs/configs/longalign_sft.yaml"),
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field: a.b=value (repeatable).")] = None,
+) -> None:
+    """Supervised fine-tuning stage (LongAlign stage 1): denoising loss with the policy's text encoding; writes a
+    checkpoint that a training config starts from with model.init_checkpoint."""
+    _setup_logging()
+    from jobs.sft import SFTConfig, run_sft
+    from ralign.config import load_config
+
+    result = run_sft(load_config(SFTConfig, config, set_ or []))
+    typer.echo(json.dumps(result, indent=2))
+
+
 @app.command("compare")
 def compare_command(
     methods: Annotated[str, typer.Option(help="Comma list of rows.")] = "base,dpok,refl,draft,longalign,comat,textcraftor,textcraftor_unet",

@@ -254,7 +254,15 @@ def build_policy(spec: dict) -> DiffusionPolicy:
 
     name = spec.get("pipeline", "base")
     pipe = tiny_random_pipeline(int(spec.get("seed", 0))) if name == "tiny-random" else load_pipeline(name)
-    return DiffusionPolicy(pipe, PolicyConfig(**spec.get("policy", {}))).to(spec.get("device", "cpu"))
+    policy = DiffusionPolicy(pipe, PolicyConfig(**spec.get("policy", {})))
+    if spec.get("init_checkpoint"):
+        from safetensors.torch import load_file
+
+        weights = Path(spec["init_checkpoint"]).expanduser() / "trainable.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"model.init_checkpoint: {weights} does not exist (run the stage that writes it, e.g. `ralign sft`)")
+        policy.load_trainable_state(load_file(str(weights)), version=0)
+    return policy.to(spec.get("device", "cpu"))
 
 
 def policy_from_checkpoint(directory: str | Path, device: str = "cpu", **policy_overrides) -> DiffusionPolicy:

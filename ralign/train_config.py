@@ -9,9 +9,10 @@ are rejected here with one line naming the keys, not discovered an hour into a r
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ralign.config import StrictModel
 
@@ -34,7 +35,15 @@ class PolicySection(StrictModel):
 
 class ModelSection(StrictModel):
     pipeline: str = "base"  # 'base' (committed toy model), 'tiny-random' (tests), a diffusers directory or a hub id
+    # Start the trainable weights from this checkpoint (e.g. LongAlign's supervised stage, `ralign sft`)
+    init_checkpoint: str | None = None
     policy: PolicySection = PolicySection()
+
+    @field_validator("init_checkpoint")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        # Ray workers run in their own directories: a relative path would resolve against theirs.
+        return str(Path(value).expanduser().resolve()) if value else value
 
 
 class DPOKSection(StrictModel):
@@ -192,7 +201,8 @@ class TrainConfig(StrictModel):
 
     def policy_spec(self) -> dict:
         """What `ralign.policy.build_policy` needs; also written into every checkpoint, so one loads on its own."""
-        return {"pipeline": self.model.pipeline, "seed": self.train.seed, "policy": self.model.policy.model_dump()}
+        return {"pipeline": self.model.pipeline, "seed": self.train.seed, "policy": self.model.policy.model_dump(),
+                "init_checkpoint": self.model.init_checkpoint}
 
     def unconsumed_bound(self) -> int:
         if self.ray.max_unconsumed is not None:

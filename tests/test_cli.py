@@ -18,7 +18,8 @@ def ralign(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.parametrize("verb", [[], ["world"], ["world", "render"], ["world", "oracle-check"], ["world", "pretrain"], ["eval"]])
+@pytest.mark.parametrize("verb", [[], ["world"], ["world", "render"], ["world", "oracle-check"], ["world", "pretrain"], ["eval"],
+                                  ["generate"], ["sft"], ["compare"]])
 def test_help_on_every_verb(verb):
     out = ralign(*verb, "--help").stdout
     assert "Usage" in out

@@ -185,3 +185,15 @@ def test_every_zero_stage_makes_the_same_update(algorithm):
     for other in weights[1:3]:  # ZeRO 0, 1, 2: bit-identical
         assert all(torch.equal(weights[0][k], other[k]) for k in weights[0])
     assert all(torch.allclose(weights[0][k], weights[3][k], atol=1e-6) for k in weights[0])  # ZeRO-3: same up to rounding (lr is 3e-4)
+
+
+def test_text_encoder_gets_its_own_learning_rate_next_to_unet_adapters():
+    cfg = make_cfg(model__policy__text_encoder="full", algorithm__name="draft", train__lr=1e-3, train__text_encoder_lr=1e-5)
+    learner = make_learner(cfg, reward=ColorfulnessReward())
+    groups = learner.optimizer.param_groups
+    assert sorted(g["lr"] for g in groups) == [1e-5, 1e-3]
+    n_text = sum(p.numel() for p in learner.policy.text_encoder.parameters())
+    by_lr = {g["lr"]: sum(p.numel() for p in g["params"]) for g in groups}
+    assert by_lr[1e-5] == n_text
+    stats = learner.update(LearnerBatch(prompts=PROMPTS, seeds=SEEDS, versions=[0] * 4))
+    assert stats["lr"] == 1e-3 and stats["loss"] == stats["loss"]

@@ -1,0 +1,39 @@
+"""`ralign compare` on tiny settings: the base row and one trained method (CoMat, through the real Ray engine with
+its caption, grounded-attention and discriminator terms), the JSON shape the issue fixes, Markdown, grids, montages,
+and reuse of unchanged rows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from ralign.world.prompts import FAMILIES
+
+
+def test_compare_base_and_comat_tiny(tmp_path):
+    out, js = tmp_path / "out", tmp_path / "compare.json"
+    args = [sys.executable, "-m", "ralign", "compare", "--methods", "base,comat", "--n", "1", "--out", str(out), "--json", str(js),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--set", "train.iterations=1", "--set", f"ray.storage_path={tmp_path / 'ray'}", "--set", "ray.num_cpus=2"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(js.read_text())
+    assert set(results) >= {"machine", "rows"} and set(results["rows"]) == {"base", "comat"}
+    for method, row in results["rows"].items():
+        assert set(row["families"]) == set(FAMILIES)
+        assert {"all_correct", "object_recall"} <= set(row["families"]["binding"])
+        assert {"kid", "artifact_rate"} <= set(row["fidelity"]) and row["wall_s"] > 0
+    assert results["rows"]["base"]["train_reward"] is None
+    comat = results["rows"]["comat"]
+    assert comat["algorithm"] == "interval" and comat["reward"] == "weighted" and comat["iterations"] == 1
+    assert isinstance(comat["train_reward"], float)
+    # every trained row evaluates on the same prompts and noise as the base row: its "before" is the base model
+    assert comat["oracle_before_overall"]["all_correct"] == results["rows"]["base"]["overall"]["all_correct"]
+    md = (out / "compare.md").read_text()
+    assert "| CoMat |" in md and "| base (no training) |" in md and js.with_suffix(".md").is_file()
+    assert (out / "grids" / "comat" / "grid_binding.png").is_file() and (out / "montage_binding.png").is_file()
+    # unchanged rows are reused, not retrained
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0 and "reusing comat" in proc.stderr
+    assert json.loads(js.read_text())["rows"]["comat"]["run_id"] == comat["run_id"]
