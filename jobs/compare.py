@@ -35,8 +35,8 @@ METHODS: dict[str, str | None] = {
     "textcraftor": "textcraftor.yaml",
     "textcraftor_unet": "textcraftor_unet.yaml",
 }
-# Stages a method's config needs first (its model.init_checkpoint): method -> SFT config. Run when the checkpoint is
-# missing or --rerun is given; the stage's wall time counts towards the method's.
+# Stages a method's config needs first (its model.init_checkpoint): method -> SFT config. Run whenever the method is
+# (re)trained; the stage's wall time counts towards the method's.
 PRE_STAGES: dict[str, str] = {"longalign": "longalign_sft.yaml"}
 LABELS = {
     "base": "base (no training)", "dpok": "DPOK + CLIP score", "refl": "ReFL + preference",
@@ -72,21 +72,28 @@ def _digest(cfg: TrainConfig | None, n_per_family: int) -> str:
 
 
 def _row(report: dict, summary: dict | None, wall_s: float, digest: str) -> dict:
+    s = summary or {}  # the base row has no training run
     return {
         "families": {f: {k: m.get(k) for k in (*FAMILY_METRICS, "n")} for f, m in report["families"].items()},
         "overall": report["overall"],
         "unseen_combos": report.get("unseen_combos"),
         "fidelity": report["fidelity"],
-        "train_reward": summary["reward_last"] if summary else None,
-        "train_reward_first": summary["reward_first"] if summary else None,
-        "reward": summary["reward"] if summary else None,
-        "algorithm": summary["algorithm"] if summary else None,
-        "iterations": summary["iterations"] if summary else 0,
-        "run_id": summary["run_id"] if summary else None,
-        "oracle_before_overall": summary["oracle_before"]["overall"] if summary and summary.get("oracle_before") else None,
+        "train_reward": s.get("reward_last"),
+        "train_reward_first": s.get("reward_first"),
+        "reward": s.get("reward"),
+        "algorithm": s.get("algorithm"),
+        "iterations": s.get("iterations", 0),
+        "run_id": s.get("run_id"),
+        "oracle_before_overall": (s.get("oracle_before") or {}).get("overall"),
         "wall_s": round(wall_s, 1),
         "config_digest": digest,
     }
+
+
+def _write_markdown(results: dict, json_out: Path, out_dir: Path) -> None:
+    md = markdown_table(results)
+    (out_dir / "compare.md").write_text(md)
+    json_out.with_suffix(".md").write_text(md)
 
 
 def evaluate_base(n_per_family: int, out_dir: Path) -> dict:
@@ -213,10 +220,8 @@ def compare(methods: list[str], out_dir: Path, json_out: Path, n_per_family: int
         results["rows"] = {m: results["rows"][m] for m in METHODS if m in results["rows"]}
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(results, indent=2) + "\n")
-        (out_dir / "compare.md").write_text(markdown_table(results))
+        _write_markdown(results, json_out, out_dir)
         log.info("compare: %s done in %.0fs: overall all-correct %.3f", method, time.time() - start, report["overall"]["all_correct"])
     write_montages(out_dir, [m for m in METHODS if m in results["rows"]])
-    md = markdown_table(results)
-    (out_dir / "compare.md").write_text(md)
-    json_out.with_suffix(".md").write_text(md)
+    _write_markdown(results, json_out, out_dir)
     return results

@@ -42,8 +42,7 @@ class SFTConfig(StrictModel):
     tracking: TrackingSection = TrackingSection()
 
     def policy_spec(self) -> dict:
-        return {"pipeline": self.model.pipeline, "seed": self.seed, "policy": self.model.policy.model_dump(),
-                "init_checkpoint": self.model.init_checkpoint}
+        return self.model.policy_spec(self.seed)
 
 
 def run_sft(cfg: SFTConfig) -> dict:

@@ -28,6 +28,7 @@ from ralign.algorithms.advantages import PerPromptNormalizer
 from ralign.algorithms.direct_backprop import DirectBackpropConfig, backprop_update, gradient_steps
 from ralign.algorithms.dpok import DPOKConfig, dpok_update
 from ralign.algorithms.refl import ReFLConfig, choose_late_step, prefix as refl_prefix, refl_update
+from ralign.distributed import active_dist
 from ralign.policy import DiffusionPolicy
 from ralign.sampler import Trajectory, initial_noise
 from ralign.train_config import GRADIENT_ALGORITHMS, TrainConfig
@@ -137,17 +138,11 @@ class PolicyModule(torch.nn.Module):
         return None
 
 
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
 def _ensure_process_group() -> None:
     """A one-process gloo group when no launcher (Ray Train) made one, so a Learner also runs in-process."""
     import deepspeed
 
-    if _dist() is None:
+    if active_dist() is None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         os.environ.setdefault("RANK", "0")
@@ -167,7 +162,7 @@ class Learner:
         if cfg.algorithm.name in GRADIENT_ALGORITHMS and reward is None:
             raise ValueError(f"{cfg.algorithm.name} needs its differentiable reward in the learner")
         _ensure_process_group()
-        dist = _dist()
+        dist = active_dist()
         self.rank = dist.get_rank() if dist else 0
         self.world_size = dist.get_world_size() if dist else 1
         self.ds_config = deepspeed_config(cfg, self.world_size)
@@ -211,7 +206,7 @@ class Learner:
             self._backward(zero)
 
     def _global_mean(self, values: dict[str, float]) -> dict[str, float]:
-        dist = _dist()
+        dist = active_dist()
         if dist is None or self.world_size == 1:
             return values
         keys = sorted(values)
@@ -220,7 +215,7 @@ class Learner:
         return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
 
     def _gather(self, obj):
-        dist = _dist()
+        dist = active_dist()
         if dist is None or self.world_size == 1:
             return [obj]
         out = [None] * self.world_size

@@ -282,7 +282,8 @@ def policy_from_checkpoint(directory: str | Path, device: str = "cpu", **policy_
     if "policy_spec" not in record:
         raise ValueError(f"{state_file} has no policy_spec (written by an older ralign); cannot tell which model it belongs to")
     spec = record["policy_spec"]
-    spec = {**spec, "policy": {**spec["policy"], **policy_overrides}, "device": device}
+    # The checkpoint's trainable weights supersede the stage it started from: that stage need not be loaded, nor exist.
+    spec = {**spec, "policy": {**spec["policy"], **policy_overrides}, "device": device, "init_checkpoint": None}
     policy = build_policy(spec)
     policy.load_trainable_state(load_file(str(weights_file)), int(record.get("version", 0)))
     return policy

@@ -45,6 +45,10 @@ class ModelSection(StrictModel):
         # Ray workers run in their own directories: a relative path would resolve against theirs.
         return str(Path(value).expanduser().resolve()) if value else value
 
+    def policy_spec(self, seed: int) -> dict:
+        """What `ralign.policy.build_policy` needs; also written into every checkpoint, so one loads on its own."""
+        return {"pipeline": self.pipeline, "seed": seed, "policy": self.policy.model_dump(), "init_checkpoint": self.init_checkpoint}
+
 
 class DPOKSection(StrictModel):
     alpha: float = 1.0
@@ -200,9 +204,7 @@ class TrainConfig(StrictModel):
         return self
 
     def policy_spec(self) -> dict:
-        """What `ralign.policy.build_policy` needs; also written into every checkpoint, so one loads on its own."""
-        return {"pipeline": self.model.pipeline, "seed": self.train.seed, "policy": self.model.policy.model_dump(),
-                "init_checkpoint": self.model.init_checkpoint}
+        return self.model.policy_spec(self.train.seed)
 
     def unconsumed_bound(self) -> int:
         if self.ray.max_unconsumed is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ralign.distributed import active_dist
 from ralign.models.reward_clip import encode_images, encode_texts
 from ralign.rewards.base import RewardOutput
 from ralign.rewards.clip_score import TOY_DIR, PreferenceReward
@@ -28,9 +29,8 @@ from ralign.text_encoding import split_segments
 def global_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of every process in the default torch.distributed group (this batch alone if there is
     none). Other ranks' rows arrive without gradient, which is all `v` needs: it is built from text embeddings."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    dist = active_dist()
+    if dist is None or dist.get_world_size() == 1:
         return x.mean(dim=0)
     sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor([x.shape[0]]))

@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from ralign.distributed import active_dist
 from ralign.models.pipeline import load_pipeline
 from ralign.rewards.base import RewardOutput
 
@@ -84,7 +86,7 @@ class FidelityDiscriminator:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = list(self.model.trainable().values())
-        dist = _dist()
+        dist = active_dist()
         if dist is not None and dist.get_world_size() > 1:
             for p in params:
                 if p.grad is not None:
@@ -106,8 +108,9 @@ class FidelityDiscriminator:
         save_file(tensors, str(Path(directory) / STATE_FILE), metadata={"updates": str(self.updates)})
 
     def load_state(self, directory: str | Path) -> None:
-        path = Path(directory) / STATE_FILE
-        tensors = load_file(str(path))
+        with safe_open(str(Path(directory) / STATE_FILE), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            self.updates = int(f.metadata().get("updates", 0))
         params = self.model.trainable()
         with torch.no_grad():
             for n, p in params.items():
@@ -116,13 +119,3 @@ class FidelityDiscriminator:
             state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"adam.{i}.")}
             if state:
                 self.optimizer.state[p] = state
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            self.updates = int(f.metadata().get("updates", 0))
-
-
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None

@@ -39,18 +39,20 @@ def reward_class(name: str):
 
 
 def is_differentiable(name: str, options: dict | None = None) -> bool:
-    if name == "weighted":
-        from ralign.rewards.weighted import terms_differentiable
-
-        return terms_differentiable((options or {}).get("terms", []))
-    return bool(getattr(reward_class(name), "differentiable", False))
+    """A reward class answers from its `differentiable` attribute, or, when that depends on its options (a
+    composite), from its `differentiable_for(options)` classmethod."""
+    cls = reward_class(name)
+    if hasattr(cls, "differentiable_for"):
+        return cls.differentiable_for(options or {})
+    return bool(getattr(cls, "differentiable", False))
 
 
 def needs_chain_inputs(name: str, options: dict | None = None) -> list[str]:
-    """Names of the (terms of the) reward that need attention maps or latents from a gradient algorithm's chain."""
-    if name == "weighted":
-        return [n for t in (options or {}).get("terms", []) for n in needs_chain_inputs(t.get("name"), t)]
+    """Names of the (terms of the) reward that need attention maps or latents from a gradient algorithm's chain
+    (a composite answers with its `chain_inputs_for(options)` classmethod)."""
     cls = reward_class(name)
+    if hasattr(cls, "chain_inputs_for"):
+        return cls.chain_inputs_for(options or {})
     return [name] if getattr(cls, "uses_attention", False) or getattr(cls, "uses_latents", False) else []
 
 

@@ -18,7 +18,7 @@ from ralign.rewards.base import RewardOutput
 
 class WeightedReward:
     name = "weighted"
-    differentiable = True  # checked per term by `terms_differentiable` (the config validator asks it)
+    differentiable = True  # per instance: all terms differentiable (the config validator asks `differentiable_for`)
 
     def __init__(self, terms: Sequence[dict], device: str = "cpu"):
         from ralign.rewards.registry import build_reward
@@ -77,8 +77,15 @@ class WeightedReward:
             if hasattr(reward, "load_state"):
                 reward.load_state(directory)
 
+    # The registry asks these before any model is loaded (config validation): answers from the options alone.
+    @classmethod
+    def differentiable_for(cls, options: dict) -> bool:
+        from ralign.rewards.registry import is_differentiable
 
-def terms_differentiable(terms: Sequence[dict]) -> bool:
-    from ralign.rewards.registry import is_differentiable
+        return all(is_differentiable(t.get("name"), t) for t in options.get("terms", []))
 
-    return all(is_differentiable(t.get("name"), t) for t in terms)
+    @classmethod
+    def chain_inputs_for(cls, options: dict) -> list[str]:
+        from ralign.rewards.registry import needs_chain_inputs
+
+        return [n for t in options.get("terms", []) for n in needs_chain_inputs(t.get("name"), t)]
