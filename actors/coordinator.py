@@ -8,7 +8,8 @@ the learners compute. What each sampler request asks for is decided here:
 - gradient algorithms (ReFL, DRaFT, AlignProp, interval): the no-gradient prefix of the chain up to the first step
   that needs gradient (`algorithm.prefix_on_samplers`), handed to the learner, which runs the gradient-carrying
   suffix and its differentiable reward itself; every `ray.metric_rollout_every`-th request is instead a full
-  rollout scored by the reward actors, for metrics only.
+  rollout scored by the reward actors, for metrics only (with cross-attention maps recorded at the steps the learner
+  would capture, when the reward scores attention).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from actors.rollout import PipelineConfig, RewardActor, RolloutPipeline, SamplerActor
 from ralign.learner import draw_gradient_steps
+from ralign.rewards.registry import needs_attention
 from ralign.train_config import GRADIENT_ALGORITHMS, TrainConfig
 from ralign.world.prompts import generate_mixed
 
@@ -58,14 +60,21 @@ def request_plan(cfg: TrainConfig):
         return None
     every = cfg.ray.metric_rollout_every
     per = cfg.ray.request_batch
+    # A reward that scores cross-attention (CoMat) gets, with each metrics rollout, the maps of as many steps as the
+    # learner captures, drawn the way the learner draws them: from that chain's gradient steps.
+    record_attention = needs_attention(cfg.reward.name, cfg.reward.options)
     # TextCraftor: a text-encoder-training backprop run starts its chain with the original encoder.
     original = name != "refl" and cfg.algorithm.backprop.original_text_prefix and cfg.model.policy.text_encoder != "frozen"
 
     def plan(first_id: int) -> dict:
         request_no = first_id // per
+        generator = torch.Generator().manual_seed(cfg.train.seed * 7_919 + request_no)
+        grad = draw_gradient_steps(cfg, generator)
         if every and request_no % every == every - 1:
-            return {"metrics_only": True}
-        grad = draw_gradient_steps(cfg, torch.Generator().manual_seed(cfg.train.seed * 7_919 + request_no))
+            if not record_attention:
+                return {"metrics_only": True}
+            order = torch.randperm(len(grad), generator=generator)[: cfg.algorithm.backprop.attention_steps].tolist()
+            return {"metrics_only": True, "attention_steps": sorted(grad[i] for i in order)}
         stop = min(grad) if cfg.algorithm.prefix_on_samplers else 0
         return {"stop_step": stop, "grad_steps": grad, "original_text": original and stop > 0}
 
@@ -87,6 +96,8 @@ class RolloutCoordinator:
             for _ in range(r.samplers)
         ]
         reward_spec = {"name": cfg.reward.name, **cfg.reward.options}
+        if cfg.reward.deployment:
+            reward_spec["deployment"] = cfg.reward.deployment
         self.rewards = [
             RewardActor.options(num_cpus=r.reward_cpus, num_gpus=r.reward_gpus).remote(reward_spec, r.threads_per_actor, r.reward_gpus > 0)
             for _ in range(r.reward_actors)
@@ -148,11 +159,15 @@ class RolloutCoordinator:
         batch["wait_s"] = time.perf_counter() - start
         return batch
 
-    def publish(self, state: dict, version: int) -> None:
-        """New trainable weights from the learner (rank 0) go to every sampler, without waiting for them."""
+    def publish(self, state: dict, version: int, reward_state: dict | None = None) -> None:
+        """New trainable weights from the learner (rank 0) go to every sampler, without waiting for them; the weights
+        of a reward that trains in the learner (CoMat's discriminator) go to every reward actor the same way."""
         ref = ray.put(state)
         with self.lock:
             self.pending_weights = self.pipeline.broadcast_async(ref, version)
+            if reward_state:
+                reward_ref = ray.put(reward_state)
+                self.pending_weights += [r.set_shared_weights.remote(reward_ref) for r in self.rewards]
 
     def resume_from(self, state: dict, version: int, next_id: int) -> None:
         """A learner restarted from a checkpoint: whatever was sampled for the interrupted attempt is dropped
@@ -171,8 +186,17 @@ class RolloutCoordinator:
     def get_progress(self) -> dict:
         return dict(self.progress)
 
-    def metric_rollouts(self) -> dict:
-        """Rewards of the metrics-only rollouts finished since the last call (gradient algorithms)."""
+    def metric_rollouts(self, wait_s: float = 0.0) -> dict:
+        """Rewards of the metrics-only rollouts finished since the last call (gradient algorithms). With `wait_s`,
+        first wait (up to that long) for the metrics rollouts already issued to be scored: the last iteration's
+        figures then cover every one of them."""
+        deadline = time.monotonic() + wait_s
+        with self.lock:
+            waiting = set(self.pipeline.metrics_pending)
+        while waiting and time.monotonic() < deadline:
+            time.sleep(0.05)  # the pump thread moves them along meanwhile
+            with self.lock:
+                waiting &= self.pipeline.metrics_pending
         with self.lock:
             rollouts = list(self.pipeline.metric_rollouts)
             self.pipeline.metric_rollouts.clear()

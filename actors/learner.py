@@ -174,7 +174,7 @@ def train_loop_per_worker(config: dict) -> None:
         stats = learner.update(to_learner_batch(data))
         t2 = time.perf_counter()
         if rank == 0:
-            coordinator.publish.remote(learner.trainable_state(), learner.policy.version)
+            coordinator.publish.remote(learner.trainable_state(), learner.policy.version, learner.reward_shared_weights())
         stats.update(
             learn_s=t2 - t1, wait_s=t1 - t0, iteration_s=time.perf_counter() - t0,
             samples_per_s=cfg.train.batch_size * learner.world_size / max(1e-9, time.perf_counter() - t0),
@@ -190,7 +190,8 @@ def train_loop_per_worker(config: dict) -> None:
             if pipe_stats["score_s"] > 0:
                 stats["reward_samples_per_s"] = ledger["scored"] / pipe_stats["score_s"]
             stats["learner_samples_per_s"] = cfg.train.batch_size * learner.world_size / max(1e-9, t2 - t1)
-            stats.update(ray.get(coordinator.metric_rollouts.remote()))
+            last = step == cfg.train.iterations
+            stats.update(ray.get(coordinator.metric_rollouts.remote(wait_s=cfg.ray.metric_wait_s if last else 0.0)))
             if data["kind"] == "full":
                 for key, values in data["components"].items():
                     stats[f"reward/{key}"] = float(np.mean(values))

@@ -1,7 +1,10 @@
 """Sampler and reward actors, and the asynchronous rollout pipeline that connects them.
 
 The actors are thin shells: a `SamplerActor` owns a `DiffusionPolicy` and turns (ids, prompts, seeds) into
-trajectories; a `RewardActor` owns a reward and scores finished rollouts. The `RolloutPipeline` (driver side) keeps
+trajectories; a `RewardActor` owns a reward and scores finished rollouts. A rollout carries what the reward needs
+beyond its images: the final latents always, and the cross-attention maps of the steps the request names when the
+reward scores attention (CoMat); a reward that trains in the learner (CoMat's discriminator) gets the learner's
+weights through `set_shared_weights`, queued like the samplers' weights. The `RolloutPipeline` (driver side) keeps
 samplers busy without waiting for rewards: a finished rollout goes to a reward actor at once and its sampler gets the
 next request. Three bounds make it safe to run for hours:
 - at most `max_inflight_per_sampler` requests per sampler;
@@ -25,6 +28,9 @@ import numpy as np
 import ray
 import torch
 
+from ralign.attention_capture import pack_maps, select_samples, unpack_maps
+from ralign.text_parsing import token_offsets
+
 log = logging.getLogger(__name__)
 
 
@@ -38,6 +44,7 @@ class RolloutRequest:
     grad_steps: list[int] | None = None
     original_text: bool = False  # TextCraftor: the prefix uses the pretrained text encoder
     metrics_only: bool = False  # a full rollout scored by the reward actors for metrics, never trained on
+    attention_steps: list[int] | None = None  # record these steps' cross-attention for the reward actor (CoMat)
 
 
 @dataclass
@@ -60,6 +67,10 @@ class Rollout:
     scores: np.ndarray | None = None  # (B,)
     components: dict[str, np.ndarray] = field(default_factory=dict)
     score_s: float = 0.0
+    # Rewards that score more than images (ralign/rewards/base.py): the recorded cross-attention maps, packed per
+    # group as (steps, layers, B, side, side, tokens), and each prompt's token character spans.
+    attention: dict[str, np.ndarray] | None = None
+    token_offsets: list[list[tuple[int, int]]] | None = None
 
 
 def _set_threads(threads: int) -> None:
@@ -105,12 +116,17 @@ class SamplerActor:
                 images=None, kind="prefix", start_step=request.stop_step, grad_steps=list(request.grad_steps or []),
                 sample_s=time.perf_counter() - start,
             )
-        traj = self.policy.sample(request.prompts, request.seeds)
+        traj = self.policy.sample(request.prompts, request.seeds, attention_steps=request.attention_steps or ())
         images = (traj.images.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        attention = offsets = None
+        if traj.attention is not None:
+            attention = pack_maps(traj.attention)
+            offsets = [token_offsets(self.policy.tokenizer, p) for p in request.prompts]
         return Rollout(
             ids=list(request.ids), prompts=list(request.prompts), seeds=list(request.seeds), version=self.policy.version,
             latents=traj.latents.cpu().numpy(), log_probs=traj.log_probs.cpu().numpy(), timesteps=traj.timesteps.cpu().numpy(),
             images=images, metrics_only=request.metrics_only, sample_s=time.perf_counter() - start,
+            attention=attention, token_offsets=offsets,
         )
 
 
@@ -121,15 +137,35 @@ class RewardActor:
         from ralign.rewards.registry import build_reward
 
         self.device = actor_device(use_gpu)
-        self.reward = build_reward({**reward_spec, "device": self.device})
+        spec = dict(reward_spec)
+        deployment = spec.pop("deployment", None)
+        if deployment:
+            # Scores come from a running reward application (Ray Serve) instead of models in this actor.
+            from actors.serve import ServedReward
+
+            self.reward = ServedReward(deployment, expected_reward=spec["name"])
+        else:
+            self.reward = build_reward({**spec, "device": self.device})
+
+    def set_shared_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """The learner's current weights of a reward that trains alongside the policy (CoMat's discriminator)."""
+        self.reward.load_shared_weights(state)
 
     @torch.no_grad()
     def score(self, rollout: Rollout) -> Rollout:
         start = time.perf_counter()
         images = torch.from_numpy(rollout.images).to(self.device).permute(0, 3, 1, 2).float() / 255.0
-        out = self.reward(images, rollout.prompts)
+        inputs = {}
+        # What the sampler shipped beyond the images, for rewards that score it (a full rollout's last latents are
+        # the final latents before decoding).
+        if getattr(self.reward, "uses_attention", False) and rollout.attention is not None:
+            inputs["attention"] = {"maps": unpack_maps(rollout.attention, self.device), "token_offsets": rollout.token_offsets}
+        if getattr(self.reward, "uses_latents", False) and rollout.kind == "full":
+            inputs["latents"] = torch.from_numpy(rollout.latents[:, -1]).to(self.device)
+        out = self.reward(images, rollout.prompts, **inputs)
         rollout.scores = out.score.float().cpu().numpy()
         rollout.components = {k: v.float().cpu().numpy() for k, v in out.components.items()}
+        rollout.attention = None  # scored: no need to carry the maps back through the object store
         rollout.score_s = time.perf_counter() - start
         return rollout
 
@@ -201,6 +237,7 @@ class RolloutPipeline:
         self.learner_version = 0
         self.requests: dict[Any, RolloutRequest] = {}
         self.wait_s = {"learner": 0.0}
+        self.metrics_pending: set[int] = set()  # ids of metrics-only requests issued and not yet scored or lost
         self.stats = {"sample_s": 0.0, "score_s": 0.0}
 
     # -- bookkeeping ---------------------------------------------------------------------------------------------
@@ -221,6 +258,8 @@ class RolloutPipeline:
                 self.sampling[ref] = idx
                 self.requests[ref] = request
                 self.ledger.issued.update(ids)
+                if request.metrics_only:
+                    self.metrics_pending.update(ids)
                 per_sampler[idx] += 1
 
     def _route(self, ref) -> None:
@@ -233,6 +272,7 @@ class RolloutPipeline:
                 # The sampler died mid-request: those ids are lost (never scored or trained on); it restarts.
                 log.warning("sampler request %s..%s lost: %s", request.ids[0], request.ids[-1], exc.__class__.__name__)
                 self.ledger.lost.update(request.ids)
+                self.metrics_pending.difference_update(request.ids)
                 return
             self.ledger.produced.update(rollout.ids)
             self.stats["sample_s"] += rollout.sample_s
@@ -255,8 +295,10 @@ class RolloutPipeline:
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
                 log.warning("reward for %s..%s lost: %s", request.ids[0], request.ids[-1], exc.__class__.__name__)
                 self.ledger.lost.update(request.ids)
+                self.metrics_pending.difference_update(request.ids)
                 return
             self.stats["score_s"] += rollout.score_s
+            self.metrics_pending.difference_update(rollout.ids)
             bad = ~np.isfinite(rollout.scores)
             for comp in rollout.components.values():
                 bad |= ~np.isfinite(comp)
@@ -364,4 +406,6 @@ def _subset(rollout: Rollout, keep: np.ndarray) -> Rollout:
         grad_steps=list(rollout.grad_steps), metrics_only=rollout.metrics_only, sample_s=rollout.sample_s,
         scores=None if rollout.scores is None else rollout.scores[idx],
         components={k: v[idx] for k, v in rollout.components.items()}, score_s=rollout.score_s,
+        attention=None if rollout.attention is None else select_samples(rollout.attention, idx),
+        token_offsets=None if rollout.token_offsets is None else [rollout.token_offsets[i] for i in idx],
     )

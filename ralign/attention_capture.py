@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from diffusers.models.attention_processor import Attention
 
@@ -100,3 +101,39 @@ class AttentionStore:
 
     def clear(self) -> None:
         self.recorded.clear()
+
+    def step_recorder(self, steps: Sequence[int], batch: int, out: list) -> Callable[[int], contextlib.AbstractContextManager]:
+        """A per-step context for `sample_chain(unet_context=...)`: the UNet calls of `steps` are recorded and their
+        maps appended to `out` (detached, on the CPU: for shipping, not for gradients)."""
+        wanted = set(steps)
+
+        @contextlib.contextmanager
+        def around(step: int) -> Iterator[None]:
+            if step not in wanted:
+                yield
+                return
+            with self.capture():
+                yield
+            out.append({g: [m.detach().float().cpu() for m in ms] for g, ms in self.maps(batch).items()})
+            self.clear()
+
+        return around
+
+
+def pack_maps(maps: Sequence[dict[str, list[torch.Tensor]]]) -> dict[str, np.ndarray]:
+    """Recorded maps -> one float32 array per group, (steps, layers, B, side, side, tokens), for the object store."""
+    if not maps:
+        return {}
+    return {g: np.stack([np.stack([m.numpy() for m in step[g]]) for step in maps]).astype(np.float32, copy=False) for g in maps[0]}
+
+
+def unpack_maps(packed: dict[str, np.ndarray], device: str | torch.device = "cpu") -> list[dict[str, list[torch.Tensor]]]:
+    """Inverse of `pack_maps` (zero-copy on the CPU)."""
+    if not packed:
+        return []
+    steps = next(iter(packed.values())).shape[0]
+    return [{g: [torch.from_numpy(a[s, layer]).to(device) for layer in range(a.shape[1])] for g, a in packed.items()} for s in range(steps)]
+
+
+def select_samples(packed: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    return {g: a[:, :, idx] for g, a in packed.items()}

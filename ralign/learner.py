@@ -328,6 +328,12 @@ class Learner:
                 return self.policy.trainable_state()
         return self.policy.trainable_state()
 
+    def reward_shared_weights(self) -> dict[str, torch.Tensor] | None:
+        """Weights of a reward that trains here (CoMat's discriminator), for the reward actors that score with it."""
+        if hasattr(self.reward, "adversarial_update") and getattr(self.reward, "trains", True) and hasattr(self.reward, "shared_weights"):
+            return self.reward.shared_weights() or None
+        return None
+
     def save(self, directory: str | Path, extra: dict | None = None) -> None:
         """Engine state (optimiser, for resume) + trainable weights as safetensors + learner state as JSON."""
         directory = Path(directory)

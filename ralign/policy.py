@@ -175,16 +175,27 @@ class DiffusionPolicy:
         return (c.in_channels, c.sample_size, c.sample_size)
 
     @torch.no_grad()
-    def sample(self, prompts: Sequence[str], seeds: Sequence[int], *, decode: bool = True, steps: int | None = None) -> Trajectory:
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], *, decode: bool = True, steps: int | None = None,
+               attention_steps: Sequence[int] = ()) -> Trajectory:
+        """`attention_steps`: chain steps whose cross-attention maps are recorded into `Trajectory.attention`
+        (for rewards that score attention, e.g. CoMat's, in a reward actor)."""
         steps = steps or self.cfg.steps
         cond, uncond = self.encode(prompts)
         x_T = initial_noise(self.latent_shape(), seeds, dtype=cond.dtype, device=cond.device)
+        maps: list = []
+        around = None
+        if attention_steps:
+            from ralign.attention_capture import AttentionStore
+
+            if self.cfg.text_encoding != "plain":
+                raise ValueError("attention maps are recorded for the plain text encoding only (token positions of segments differ)")
+            around = AttentionStore(self.unet).step_recorder(attention_steps, len(prompts), maps)
         latents, log_probs, means, stds, ts = sample_chain(
             self.unet, self.scheduler, cond, uncond, x_T, steps=steps, eta=self.cfg.eta, guidance=self.cfg.guidance,
-            generator=step_generator(seeds),
+            generator=step_generator(seeds), unet_context=around,
         )
         images = decode_latents(self.vae, latents[:, -1]) if decode else None
-        return Trajectory(list(prompts), latents, log_probs, means, stds, ts, images)
+        return Trajectory(list(prompts), latents, log_probs, means, stds, ts, images, maps if attention_steps else None)
 
     @torch.no_grad()
     def sample_prefix(self, prompts: Sequence[str], seeds: Sequence[int], stop_step: int, original_text: bool = False) -> torch.Tensor:

@@ -9,6 +9,7 @@ else (timestep grid, alphas, classifier-free guidance layout, VAE decoding) is d
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -88,6 +89,8 @@ class Trajectory:
     stds: torch.Tensor  # (K,)
     timesteps: torch.Tensor  # (K,)
     images: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]
+    # Cross-attention maps of the steps asked for (ralign/attention_capture.py), no graph: per step {group: [maps]}.
+    attention: list[dict[str, list[torch.Tensor]]] | None = None
 
     @property
     def final_latents(self) -> torch.Tensor:
@@ -130,17 +133,20 @@ def sample_chain(
     start_step: int = 0,
     stop_step: int | None = None,
     step_hook: Callable[[int, torch.Tensor], None] | None = None,
+    unet_context: Callable[[int], contextlib.AbstractContextManager] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run steps [start_step, stop_step) of a `steps`-step DDIM chain; returns (latents, log_probs, means, stds, ts).
 
     `start_step > 0` continues a chain handed over from elsewhere; `stop_step < steps` runs only a prefix (what a
-    sampler actor does for the gradient algorithms)."""
+    sampler actor does for the gradient algorithms). `unet_context(step)`, when given, wraps that step's UNet call
+    (e.g. to record its cross-attention)."""
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps[start_step:stop_step]
     x = initial_latents
     latents, log_probs, means, stds = [x], [], [], []
     for k, t in enumerate(timesteps):
-        eps = guided_noise(unet, x, t, cond, uncond, guidance)
+        with unet_context(start_step + k) if unet_context is not None else contextlib.nullcontext():
+            eps = guided_noise(unet, x, t, cond, uncond, guidance)
         out = ddim_step_with_logprob(scheduler, eps, int(t), x, eta, generator=generator)
         x = out.prev_sample
         latents.append(x)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ralign.world.prompts import NUMBER_WORDS, PLURALS
@@ -99,13 +100,20 @@ def parse_entities(prompt: str, parser: str = "auto") -> list[Entity]:
     return _spacy_entities(nlp, prompt) if nlp is not None else _fallback_entities(prompt)
 
 
-def entity_token_indices(tokenizer, prompt: str, entities: list[Entity]) -> list[list[int]]:
-    """For each entity, the positions in the text encoder's (truncated) token sequence of the prompt whose characters
-    overlap the entity's words. Words cut off by truncation have no tokens; an entity can end up with none."""
+def token_offsets(tokenizer, prompt: str) -> list[tuple[int, int]]:
+    """Character span of each position of the text encoder's (truncated) token sequence; (0, 0) for special tokens.
+    Computed where the tokenizer lives (a sampler) and shipped with the attention maps, so a reward actor needs no
+    tokenizer of its own."""
     enc = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length, return_offsets_mapping=True)
-    offsets = enc["offset_mapping"]
-    out = []
-    for e in entities:
-        idx = [k for k, (a, b) in enumerate(offsets) if b > a and any(a < e1 and b > s1 for s1, e1 in e.spans)]
-        out.append(idx)
-    return out
+    return [(int(a), int(b)) for a, b in enc["offset_mapping"]]
+
+
+def entity_positions(offsets: Sequence[tuple[int, int]], entities: list[Entity]) -> list[list[int]]:
+    """For each entity, the token positions whose characters overlap the entity's words. Words cut off by truncation
+    have no tokens; an entity can end up with none."""
+    return [[k for k, (a, b) in enumerate(offsets) if b > a and any(a < e1 and b > s1 for s1, e1 in e.spans)] for e in entities]
+
+
+def entity_token_indices(tokenizer, prompt: str, entities: list[Entity]) -> list[list[int]]:
+    """`entity_positions` of the prompt's tokenisation by `tokenizer`."""
+    return entity_positions(token_offsets(tokenizer, prompt), entities)

@@ -88,6 +88,9 @@ class AlgorithmSection(StrictModel):
 class RewardSection(StrictModel):
     name: str = "preference"
     options: dict = Field(default_factory=dict)
+    # Reward actors forward to this running Ray Serve reward application (`ralign serve`) instead of loading the
+    # reward themselves; it must serve `name`. Learners of gradient algorithms still build it in-process (gradients).
+    deployment: str | None = Field(None, pattern=r"^[a-z][a-z0-9_-]{0,40}$")
 
 
 class PromptSection(StrictModel):
@@ -121,7 +124,7 @@ class TrainSection(StrictModel):
 
 
 class RaySection(StrictModel):
-    address: str | None = None  # None: start a local cluster; "auto" or ray://... to join one
+    address: str | None = None  # None: join $RAY_ADDRESS when set (inside a Ray job), else start a local cluster; "auto" or ray://... to join one
     num_cpus: int | None = None  # local cluster only (default: all cores)
     samplers: int = Field(1, ge=1)
     reward_actors: int = Field(1, ge=1)
@@ -141,6 +144,9 @@ class RaySection(StrictModel):
     max_unconsumed: int | None = Field(None, ge=1)
     max_staleness: int = Field(1, ge=0)  # policy versions; older rollouts are dropped and counted
     metric_rollout_every: int = Field(4, ge=0)  # gradient algorithms: every N-th request is a full rollout scored by reward actors
+    # The last iteration waits up to this long for the metrics rollouts already issued to be scored, so its logged
+    # rollout reward covers all of them (it does not change what is trained).
+    metric_wait_s: float = Field(120.0, ge=0)
     storage_path: str = "runs/ray_train"  # Ray Train checkpoints (shared storage on a real cluster)
 
 
@@ -169,16 +175,21 @@ class TrainConfig(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
         algo, pol = self.algorithm, self.model.policy
-        from ralign.rewards.registry import is_differentiable, needs_chain_inputs, reward_names
+        from ralign.rewards.registry import is_differentiable, needs_attention, needs_chain_inputs, reward_names
 
         if self.reward.name not in reward_names():
             raise ValueError(f"reward.name={self.reward.name!r} is not a known reward; expected one of {reward_names()}")
         if algo.name in GRADIENT_ALGORITHMS and not is_differentiable(self.reward.name, self.reward.options):
             raise ValueError(f"algorithm.name={algo.name} needs a differentiable reward; reward.name={self.reward.name} "
                              f"{'has a non-differentiable term' if self.reward.name == 'weighted' else 'is not'}")
-        if algo.name == "dpok" and needs_chain_inputs(self.reward.name, self.reward.options):
-            raise ValueError(f"reward.name={self.reward.name} needs cross-attention maps or latents from a gradient chain; "
-                             "algorithm.name=dpok scores finished images only")
+        chain_terms = needs_chain_inputs(self.reward.name, self.reward.options)
+        if algo.name == "dpok" and chain_terms:
+            # Their attention is captured, and CoMat's discriminator trained, in the gradient algorithms' chains only.
+            raise ValueError(f"reward term(s) {chain_terms} score the chain's cross-attention or latents and train with a "
+                             "gradient algorithm; algorithm.name=dpok cannot use them")
+        if needs_attention(self.reward.name, self.reward.options) and pol.text_encoding != "plain":
+            raise ValueError(f"reward term(s) {chain_terms} score cross-attention per prompt token, which needs "
+                             f"model.policy.text_encoding=plain, not {pol.text_encoding}")
         if algo.name == "dpok" and pol.eta <= 0:
             raise ValueError("algorithm.name=dpok needs model.policy.eta > 0 (a deterministic chain has no log-probabilities)")
         if pol.text_encoder_weight != 1.0 and pol.text_encoder == "frozen":

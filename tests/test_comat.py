@@ -281,8 +281,11 @@ def test_attention_rewards_refuse_segment_encoding_and_dpok():
     from ralign.train_config import TrainConfig
 
     terms = [{"name": "caption", "weight": 1.0}, {"name": "grounded_attention", "weight": 1.0}]
-    with pytest.raises(Exception, match="dpok scores finished images only"):
+    with pytest.raises(Exception, match="algorithm.name=dpok cannot use them"):
         parse_config(TrainConfig, {"algorithm": {"name": "dpok"}, "reward": {"name": "weighted", "options": {"terms": terms}}})
+    with pytest.raises(Exception, match="needs model.policy.text_encoding=plain"):
+        parse_config(TrainConfig, {"algorithm": {"name": "draft"}, "model": {"policy": {"text_encoding": "segment"}},
+                                   "reward": {"name": "weighted", "options": {"terms": terms}}})
     policy = _policy(text_encoding="segment")
     reward = build_reward({"name": "weighted", "terms": terms})
     with pytest.raises(ValueError, match="segment encoding"):

@@ -1,5 +1,5 @@
 """`ralign compare` on tiny settings: the base row and one trained method (CoMat, through the real Ray engine with
-its caption, grounded-attention and discriminator terms), the JSON shape the issue fixes, Markdown, grids, montages,
+its caption, grounded-attention and discriminator terms, scored in the learner and in a reward actor), the JSON shape the issue fixes, Markdown, grids, montages,
 and reuse of unchanged rows."""
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ def test_compare_base_and_comat_tiny(tmp_path):
     out, js = tmp_path / "out", tmp_path / "compare.json"
     args = [sys.executable, "-m", "ralign", "compare", "--methods", "base,comat", "--n", "1", "--out", str(out), "--json", str(js),
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "--set", "train.iterations=1", "--set", f"ray.storage_path={tmp_path / 'ray'}", "--set", "ray.num_cpus=2"]
+            "--set", "train.iterations=1", "--set", f"ray.storage_path={tmp_path / 'ray'}", "--set", "ray.num_cpus=2",
+            # request 1 is then a metrics rollout, issued before request 2 that the learner trains on
+            "--set", "ray.metric_rollout_every=2"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(js.read_text())
@@ -28,6 +30,15 @@ def test_compare_base_and_comat_tiny(tmp_path):
     comat = results["rows"]["comat"]
     assert comat["algorithm"] == "interval" and comat["reward"] == "weighted" and comat["iterations"] == 1
     assert isinstance(comat["train_reward"], float)
+    # the metrics rollouts were scored by a reward actor on every CoMat term: the sampler shipped the attention maps
+    # and latents, the learner its discriminator weights
+    import mlflow
+
+    metrics = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(comat["run_id"]).data.metrics
+    for key in ("rollout_reward/caption", "rollout_reward/grounded_attention/token_loss",
+                "rollout_reward/grounded_attention/pixel_loss", "rollout_reward/fidelity/adv_g_loss"):
+        assert key in metrics, key
+    assert "rollout_reward/skipped_terms" not in metrics
     # every trained row evaluates on the same prompts and noise as the base row: its "before" is the base model
     assert comat["oracle_before_overall"]["all_correct"] == results["rows"]["base"]["overall"]["all_correct"]
     md = (out / "compare.md").read_text()

@@ -29,6 +29,7 @@ from ralign.attention_capture import AttentionStore
 from ralign.policy import DiffusionPolicy, step_generator
 from ralign.rewards.base import Reward, finite_mask
 from ralign.sampler import ddim_step_with_logprob, decode_latents, guided_noise, initial_noise
+from ralign.text_parsing import token_offsets
 
 
 @dataclass
@@ -138,7 +139,7 @@ def backprop_update(
     x0, maps = run_chain(policy, prompts, start_latents, start_step, grad_steps, cfg, generator, store, attention_steps)
     images = decode_latents(policy.vae, x0)
     if store is not None:
-        inputs["attention"] = {"maps": maps, "tokenizer": policy.tokenizer}
+        inputs["attention"] = {"maps": maps, "token_offsets": [token_offsets(policy.tokenizer, p) for p in prompts]}
     if getattr(reward, "uses_latents", False):
         inputs["latents"] = x0
     stats: dict[str, float] = {}

@@ -5,11 +5,15 @@ shows each). Differentiable rewards return tensors that carry gradients to the i
 return detached tensors and say so with `differentiable`.
 
 Some rewards need more of the chain than the images; they say so with class attributes and receive keyword inputs
-from the gradient algorithms (which have them), never from reward actors (which see only images):
-- `uses_attention`: `attention={"maps": [per captured step: {group: [(B, side, side, tokens)]}], "tokenizer": ..}`,
-  the UNet's cross-attention maps (ralign/attention_capture.py), with their graph;
+from whoever ran the chain: the gradient algorithms in the learner (with graph), or a reward actor, from what the
+sampler shipped with the rollout (no graph):
+- `uses_attention`: `attention={"maps": [per captured step: {group: [(B, side, side, tokens)]}], "token_offsets":
+  [per prompt: [(start, end) character span of each token position]]}`, the UNet's cross-attention maps
+  (ralign/attention_capture.py) and where each token of the prompt sits;
 - `uses_latents`: `latents=(B, C, h, w)`, the final latents before decoding.
-A reward with an `adversarial_update(real_latents, fake_latents)` method also trains (CoMat's discriminator).
+A reward with an `adversarial_update(real_latents, fake_latents)` method also trains (CoMat's discriminator); it
+then has `shared_weights()` / `load_shared_weights(state)` so the learner can hand its current weights to reward
+actors that score with it.
 """
 
 from __future__ import annotations

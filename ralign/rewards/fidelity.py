@@ -99,6 +99,18 @@ class FidelityDiscriminator:
         accuracy = 0.5 * ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean())
         return {"discriminator_loss": loss.item(), "discriminator_accuracy": accuracy.item()}
 
+    # ---- reward actors score with the learner's discriminator -------------------------------------------------
+    def shared_weights(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.model.trainable().items()}
+
+    def load_shared_weights(self, state: dict[str, torch.Tensor]) -> None:
+        params = self.model.trainable()
+        if set(state) != set(params):
+            raise ValueError(f"discriminator weights do not match: {sorted(set(state) ^ set(params))[:4]}")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state[n])
+
     # ---- checkpoints --------------------------------------------------------------------------------------------
     def save_state(self, directory: str | Path) -> None:
         tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in self.model.trainable().items()}

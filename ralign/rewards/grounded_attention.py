@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ralign.models.grounded_segmenter import build_grounded_segmenter
 from ralign.rewards.base import RewardOutput
-from ralign.text_parsing import Entity, entity_token_indices, parse_entities
+from ralign.text_parsing import Entity, entity_positions, parse_entities
 
 _EPS = 1e-8
 
@@ -88,13 +88,13 @@ class GroundedAttentionReward:
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], attention: dict | None = None, **_) -> RewardOutput:
         if attention is None:
-            raise ValueError("grounded_attention needs the UNet's cross-attention maps, which only a gradient algorithm's chain "
-                             "captures; it cannot score finished images alone")
-        maps, tokenizer = attention["maps"], attention["tokenizer"]
+            raise ValueError("grounded_attention needs the UNet's cross-attention maps of the chain that made the images "
+                             "(captured by the learner's chain, or by a sampler for the rollouts it ships); images alone are not enough")
+        maps, offsets = attention["maps"], attention["token_offsets"]
         parsed = []
-        for prompt in prompts:
+        for prompt, prompt_offsets in zip(prompts, offsets, strict=True):
             entities = parse_entities(prompt, self.parser)
-            parsed.append(_usable(entities, entity_token_indices(tokenizer, prompt, entities)))
+            parsed.append(_usable(entities, entity_positions(prompt_offsets, entities)))
         # One segmenter call for every (image, entity) pair of the batch.
         pairs = [(b, e.segment_phrase) for b, (ents, _) in enumerate(parsed) for e in ents]
         all_masks = self.segmenter.masks(images.detach()[[b for b, _ in pairs]], [p for _, p in pairs]) if pairs else None

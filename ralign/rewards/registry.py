@@ -56,6 +56,12 @@ def needs_chain_inputs(name: str, options: dict | None = None) -> list[str]:
     return [name] if getattr(cls, "uses_attention", False) or getattr(cls, "uses_latents", False) else []
 
 
+def needs_attention(name: str, options: dict | None = None) -> bool:
+    """Whether the reward (or any term of a composite) scores the chain's cross-attention maps, which samplers must
+    then record for the rollouts they ship to reward actors."""
+    return any(getattr(reward_class(n), "uses_attention", False) for n in needs_chain_inputs(name, options))
+
+
 def build_reward(spec: dict):
     spec = dict(spec)
     name = spec.pop("name", None)

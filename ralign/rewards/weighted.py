@@ -3,8 +3,9 @@ TextCraftor's multi-reward loss (CLIP score + preference + ...) are both `Σ_i w
 
 Config: `{"name": "weighted", "terms": [{"name": "caption", "weight": 1.0, ...options}, ...]}`. Each term's own
 components are reported as `TERM/COMPONENT`, its score as `TERM`. Terms that need the chain's internals
-(`uses_attention`, `uses_latents`) are scored only where those are passed (the gradient algorithms in the learner);
-a reward actor scoring finished images reports the other terms and lists the skipped ones in `skipped_terms`.
+(`uses_attention`, `uses_latents`) are scored only where those are passed: the gradient algorithms' chain in the
+learner, or a reward actor given what the sampler shipped with the rollout. Where they are missing the other terms
+are scored and the number left out is reported as `skipped_terms`, so a partial total is never mistaken for a full one.
 """
 
 from __future__ import annotations
@@ -66,6 +67,16 @@ class WeightedReward:
     @property
     def trains(self) -> bool:
         return any(hasattr(r, "adversarial_update") for _, r in self.terms)
+
+    def shared_weights(self) -> dict[str, torch.Tensor]:
+        return {f"{i}.{k}": v for i, (_, r) in enumerate(self.terms) if hasattr(r, "shared_weights")
+                for k, v in r.shared_weights().items()}
+
+    def load_shared_weights(self, state: dict[str, torch.Tensor]) -> None:
+        for i, (_, reward) in enumerate(self.terms):
+            if hasattr(reward, "load_shared_weights"):
+                prefix = f"{i}."
+                reward.load_shared_weights({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
     def save_state(self, directory) -> None:
         for _, reward in self.terms:
