@@ -57,8 +57,10 @@ def _init_ray(cfg: TrainConfig) -> None:
         return
     env = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "MLFLOW_DISABLE_TELEMETRY")
                         if k in os.environ}}
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, runtime_env=env)
+    # Inside a Ray job (`ralign submit`) RAY_ADDRESS names the cluster the job runs on: join it, never start another.
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=env)
         return
     last = None
     for attempt in range(3):  # a loaded machine sometimes misses the raylet start-up deadline (STACK-NOTES)

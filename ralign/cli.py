@@ -17,6 +17,8 @@ from ralign.config import ConfigError
 app = typer.Typer(help="Ray-distributed RL alignment of text-to-image diffusion models.", no_args_is_help=True, pretty_exceptions_enable=False)
 world_app = typer.Typer(help="The toy world: renderer, oracle, pretraining of the toy models.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
+k8s_app = typer.Typer(help="KubeRay manifests (RayJob for training, RayService for the reward servers): render, validate.", no_args_is_help=True)
+app.add_typer(k8s_app, name="k8s")
 
 
 class UserError(RuntimeError):
@@ -134,7 +136,8 @@ def evaluate(
 def generate_command(
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="A prompt (repeatable).")] = None,
     prompts_file: Annotated[Optional[Path], typer.Option(help="A UTF-8 text file, one prompt per line.")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="A training checkpoint directory (default: the base model).")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="A training checkpoint directory, or an MLflow URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/checkpoint (default: the base model).")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI for models:/ and runs:/ (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")] = None,
     pipeline: Annotated[str, typer.Option(help="Base pipeline when no --checkpoint is given.")] = "base",
     text_encoder_weight: Annotated[float, typer.Option(help="TextCraftor interpolation: w·tuned + (1 − w)·original text embeddings.")] = 1.0,
     mix: Annotated[Optional[list[str]], typer.Option(help="Blend in another tuned text encoder: CHECKPOINT_DIR=WEIGHT (repeatable).")] = None,
@@ -167,14 +170,18 @@ def generate_command(
 
         policy = DiffusionPolicy(load_pipeline(pipeline), PolicyConfig(unet_lora_rank=0, **overrides))
     else:
-        policy = policy_from_checkpoint(checkpoint, text_encoder_weight=text_encoder_weight, **overrides)
+        from ralign.model_registry import local_checkpoint
+
+        with local_checkpoint(checkpoint, tracking_uri) as local:  # an MLflow URI is downloaded to a temporary dir
+            policy = policy_from_checkpoint(local, text_encoder_weight=text_encoder_weight, **overrides)
         if text_encoder_weight != 1.0 and policy.cfg.text_encoder == "frozen":
             raise UserError(f"{checkpoint} has no tuned text encoder to interpolate (its policy has text_encoder=frozen)")
         for item in mix or []:
             path, sep, weight = item.rpartition("=")
             if not sep:
                 raise UserError(f"--mix {item!r}: expected CHECKPOINT_DIR=WEIGHT")
-            policy.mix_text_encoder(load_file(str(Path(path) / "trainable.safetensors")), float(weight))
+            with local_checkpoint(path, tracking_uri) as mixed:
+                policy.mix_text_encoder(load_file(str(mixed / "trainable.safetensors")), float(weight))
     images = policy.generate_images(prompts, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
@@ -243,6 +250,251 @@ def train_command(
     if o_before and o_after:
         typer.echo(f"oracle all-correct on held-out prompts: {o_before['overall']['all_correct']:.3f} -> {o_after['overall']['all_correct']:.3f}")
     typer.echo(f"checkpoint: {summary['checkpoint']}")
+
+
+@app.command("promote")
+def promote_command(
+    run: Annotated[str, typer.Option(help="The finished `ralign train` MLflow run to register.")],
+    name: Annotated[str, typer.Option(help="Registered model name.")],
+    metric: Annotated[Optional[str], typer.Option(help="Oracle metric in oracle_after.json, e.g. overall.all_correct, binding.count_acc, fidelity.kid (default: the model's ralign.metric tag, else overall.all_correct).")] = None,
+    margin: Annotated[float, typer.Option(min=0.0, help="The candidate must beat the champion by more than this.")] = 0.01,
+    direction: Annotated[str, typer.Option(help="auto, higher or lower is better (auto: lower for artifact_rate, kid, off_palette_fraction).")] = "auto",
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result JSON here.")] = None,
+) -> None:
+    """Register a run's checkpoint in the MLflow model registry; move the `champion` alias to it if it beats the
+    current champion by the margin on the same eval set, else set `challenger` and say why."""
+    from ralign.model_registry import promote
+
+    result = promote(run, name, metric=metric, margin=margin, direction=direction, tracking_uri=tracking_uri)
+    if json_out is not None:
+        _emit_json(result.to_dict(), json_out)
+    typer.echo(result.message())
+
+
+@k8s_app.command("render")
+def k8s_render(
+    out: Annotated[Path, typer.Option(help="Directory for base/ and overlays/ (the committed tree is k8s/).")] = Path("k8s"),
+    config: Annotated[Path, typer.Option(help="Training config of the base (inside the repo: the image carries it).")] = Path("jobs/configs/quickstart.yaml"),
+    serve_config: Annotated[Path, typer.Option(help="Reward servers' config: the RayService's serveConfigV2.")] = Path("jobs/configs/serve_rewards.yaml"),
+    overlay: Annotated[Optional[list[str]], typer.Option(help="NAME=CONFIG: an overlay patching the base into CONFIG's manifests (repeatable; default toy=jobs/configs/quickstart.yaml and sd15=jobs/configs/sd15.yaml).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a field of every training config: a.b=value (repeatable; also passed to the job).")] = None,
+    image: Annotated[str, typer.Option(help="Image NAME:TAG (GPU configs' overlays use TAG-gpu).")] = "ghcr.io/ralign/ralign:0.1.0",
+) -> None:
+    """Render the KubeRay manifests (kustomize base + overlays) from the training and Serve configs."""
+    from ralign.k8s import DEFAULT_OVERLAYS, render_tree, write_tree
+
+    overlays = dict(DEFAULT_OVERLAYS)
+    if overlay:
+        overlays = {}
+        for item in overlay:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise UserError(f"--overlay {item!r}: expected NAME=CONFIG")
+            overlays[name] = path
+    written = write_tree(render_tree(config, serve_config, overlays, set_ or [], image), out)
+    typer.echo(f"wrote {len(written)} files to {out} (base/ and overlays/{','.join(overlays)}/)")
+
+
+@k8s_app.command("validate")
+def k8s_validate(
+    root: Annotated[Path, typer.Option("--dir", help="A rendered tree (base/, overlays/).")] = Path("k8s"),
+    crds: Annotated[Optional[Path], typer.Option(help="KubeRay v1.7.0 CRD directory (default: $RALIGN_KUBERAY_CRDS or ../shared/kuberay-crds).")] = None,
+) -> None:
+    """Check every manifest and every overlay's build: KubeRay CRD schemas, Kubernetes schemas, the project's rules."""
+    from ralign.k8s import validate_tree
+
+    checked = validate_tree(root, crds)
+    typer.echo("\n".join(checked + [f"{len(checked)} objects valid"]))
+
+
+bench_app = typer.Typer(help="Benchmarks: pipeline stages, direct-backprop memory, scaling (JSON results).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("memory")
+def bench_memory(
+    config: Annotated[Path, typer.Option(help="Training config (its model, reward and micro-batch).")] = Path("jobs/configs/draft.yaml"),
+    k: Annotated[str, typer.Option(help="Comma-separated gradient-step counts K.")] = "1,2,5,10,25",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key (repeatable).")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads in the measuring process.")] = 2,
+    json_out: Annotated[Path, typer.Option("--json", help="Results JSON.")] = Path("benchmarks/results/bench_memory.json"),
+) -> None:
+    """Peak memory and step time of one DRaFT-K update versus K, with and without gradient checkpointing."""
+    _setup_logging()
+    from jobs.bench.memory import run
+
+    try:
+        ks = [int(x) for x in k.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--k {k!r}: expected comma-separated integers, e.g. 1,2,5") from None
+    result = run(config, ks, set_ or [], threads)
+    _emit_json(result, json_out)
+    for row in result["rows"]:
+        typer.echo(f"K={row['k']:>3} checkpointing={str(row['checkpointing']):5} " +
+                   (row.get("error") or f"step {row['step_s']:.2f}s  memory +{row['peak_growth_mb']:.0f} MB"))
+    typer.echo(f"growth exponent (memory ~ K^e): {result['growth_exponent']}")
+
+
+@bench_app.command("pipeline")
+def bench_pipeline(
+    config: Annotated[Path, typer.Option(help="A DPOK training config.")] = Path("jobs/configs/quickstart.yaml"),
+    iterations: Annotated[int, typer.Option(min=1, help="Measured iterations per mode (after the warm-up ones).")] = 6,
+    warmup: Annotated[int, typer.Option(min=0, help="Warm-up iterations left out of every mode's rates.")] = 2,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key (repeatable).")] = None,
+    json_out: Annotated[Path, typer.Option("--json", help="Results JSON.")] = Path("benchmarks/results/bench_pipeline.json"),
+) -> None:
+    """Samples/s of each stage alone, of a sequential loop, and of the Ray pipeline; waits, Ray overhead, peak RSS."""
+    _setup_logging()
+    from jobs.bench.pipeline import run
+
+    result = run(config, iterations, set_ or [], warmup)
+    _emit_json(result, json_out)
+    rates = result["samples_per_s"]
+    typer.echo("samples/s: " + ", ".join(f"{k} {v:.2f}" for k, v in rates.items()))
+    typer.echo(f"pipeline / sequential {result['ratio_pipeline_vs_sequential']:.2f}x; iteration / slowest stage "
+               f"({result['slowest_stage']}) {result['ratio_iteration_vs_slowest_stage']:.2f}x; Ray overhead "
+               f"{100 * result['ray_overhead_fraction']:.1f}% of an iteration")
+
+
+@bench_app.command("scale")
+def bench_scale(
+    config: Annotated[Path, typer.Option(help="Training config (its policy and request batch).")] = Path("jobs/configs/quickstart.yaml"),
+    samplers: Annotated[str, typer.Option(help="Comma-separated sampler-actor counts, one simulated node each.")] = "1,2,4",
+    requests: Annotated[int, typer.Option(min=1, help="Requests per sampler in the measured burst.")] = 4,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key (repeatable).")] = None,
+    json_out: Annotated[Path, typer.Option("--json", help="Results JSON.")] = Path("benchmarks/results/bench_scale.json"),
+) -> None:
+    """Sampler throughput and weight-broadcast cost on a simulated multi-node Ray cluster (ray.cluster_utils)."""
+    _setup_logging()
+    from jobs.bench.scale import run
+
+    try:
+        counts = [int(x) for x in samplers.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--samplers {samplers!r}: expected comma-separated integers, e.g. 1,2,4") from None
+    result = run(config, counts, requests, set_ or [])
+    _emit_json(result, json_out)
+    for row in result["rows"]:
+        typer.echo(f"{row['samplers']} sampler(s): {row['samples_per_s']:.2f} samples/s (x{row['speedup']:.2f}), "
+                   f"weight broadcast {1000 * row['weight_broadcast_s']:.1f} ms")
+
+
+@app.command("serve")
+def serve_cmd(
+    config: Annotated[Path, typer.Option(help="Reward-server config.")] = Path("jobs/configs/serve_rewards.yaml"),
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster to deploy on (default: start a local one).")] = None,
+    only: Annotated[Optional[list[str]], typer.Option(help="Deploy only these applications (repeatable).")] = None,
+    detach: Annotated[bool, typer.Option(help="Return once deployed (with --address); otherwise serve until Ctrl-C.")] = False,
+) -> None:
+    """Start the reward servers of a Serve config on Ray Serve (autoscaling, batched, HTTP ingress on its host:port)."""
+    _setup_logging()
+    import time
+
+    import ray
+
+    from ralign.config import load_config
+    from ralign.serve_config import ServeConfig
+
+    cfg = load_config(ServeConfig, config)
+    cfg.validate_with_ray()
+    unknown = set(only or []) - {d.name for d in cfg.deployments}
+    if unknown:
+        raise UserError(f"--only {sorted(unknown)}: not in {config} (it serves {[d.name for d in cfg.deployments]})")
+    if detach and not address:
+        raise UserError("--detach needs --address: a local Ray instance ends with this command")
+    if address:
+        from jobs.submit import connect
+
+        connect(address, runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}})
+    else:
+        ray.init()
+    from actors.serve import deploy, replica_counts
+
+    routes = deploy(cfg, only)
+    for name, url in routes.items():
+        typer.echo(f"{name}: POST {url}  (handle: serve.get_app_handle({name!r}))")
+    if detach:
+        return
+    try:
+        while True:
+            typer.echo("replicas: " + ", ".join(f"{k}={v}" for k, v in sorted(replica_counts().items())))
+            time.sleep(30)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+
+
+@app.command("submit")
+def submit_cmd(
+    address: Annotated[str, typer.Option(help="Ray job server, e.g. http://127.0.0.1:8265.")],
+    config: Annotated[Path, typer.Option(help="Training config (inside the project: it ships with the job).")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key (repeatable).")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI as the cluster sees it.")] = None,
+    follow: Annotated[bool, typer.Option(help="Stream the job's logs until it ends; exit 1 if it fails.")] = True,
+    job_id: Annotated[Optional[str], typer.Option(help="Submission id (default: generated).")] = None,
+) -> None:
+    """Submit a training run as a Ray job (the project ships as its working_dir); prints the job id."""
+    from jobs.submit import follow as follow_logs
+    from jobs.submit import submit
+
+    jid = submit(address, config, set_ or [], tracking_uri, job_id)
+    typer.echo(f"job id: {jid}", err=True)
+    if follow:
+        state = follow_logs(address, jid)
+        typer.echo(f"job {jid}: {state}", err=True)
+        if state != "SUCCEEDED":
+            raise typer.Exit(1)
+    typer.echo(jid)
+
+
+@app.command("status")
+def status_cmd(job_id: str, address: Annotated[str, typer.Option(help="Ray job server.")] = "http://127.0.0.1:8265") -> None:
+    """A Ray job's status (JSON)."""
+    from jobs.submit import status
+
+    typer.echo(json.dumps(status(address, job_id), indent=2))
+
+
+@app.command("stop")
+def stop_cmd(job_id: str, address: Annotated[str, typer.Option(help="Ray job server.")] = "http://127.0.0.1:8265") -> None:
+    """Stop a running Ray job."""
+    from jobs.submit import stop
+
+    typer.echo(f"job {job_id}: {'stop requested' if stop(address, job_id) else 'already finished'}")
+
+
+@app.command("logs")
+def logs_cmd(
+    job_id: str,
+    address: Annotated[str, typer.Option(help="Ray job server.")] = "http://127.0.0.1:8265",
+    follow: Annotated[bool, typer.Option(help="Keep streaming until the job ends.")] = False,
+) -> None:
+    """A Ray job's logs."""
+    from jobs.submit import follow as follow_logs
+    from jobs.submit import logs
+
+    if follow:
+        follow_logs(address, job_id)
+    else:
+        typer.echo(logs(address, job_id), nl=False)
+
+
+@app.command("report")
+def report_cmd(
+    run_id: Annotated[str, typer.Argument(help="The `ralign train` MLflow run.")],
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Report directory (default: outputs/report/RUN_ID).")] = None,
+    no_log: Annotated[bool, typer.Option("--no-log", help="Do not log the report to the run as the report/ artefact.")] = False,
+) -> None:
+    """An HTML page (and PNGs) of a run: reward, KL, oracle metrics, timings, image grids start -> end."""
+    _setup_logging()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # report.py logs one line per download
+    from ralign.report import build_report
+
+    index = build_report(run_id, tracking_uri=tracking_uri, out_dir=out, log_to_run=not no_log)
+    typer.echo(f"wrote {index}" + ("" if no_log else f" (also logged to run {run_id} as report/)"))
 
 
 def main() -> None:

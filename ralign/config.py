@@ -6,6 +6,7 @@ setting. `--set a.b=value` overrides are parsed as YAML scalars and validated ex
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +24,14 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]*:[^/@\s'\"]*@")
+
+
+def redact_credentials(text: str) -> str:
+    """`scheme://user:password@host` -> `scheme://***@host`: error messages and logs never repeat a password."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     parts = []
     for e in err.errors():
@@ -35,7 +44,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         elif e["type"] == "missing":
             parts.append(f"missing key '{key}'")
         else:
-            parts.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
+            parts.append(f"'{key}': {e['msg']} (got {redact_credentials(repr(e.get('input')))})")
     return f"{source}: " + "; ".join(parts)
 
 

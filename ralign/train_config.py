@@ -9,6 +9,7 @@ are rejected here with one line naming the keys, not discovered an hour into a r
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -160,6 +161,15 @@ class TrackingSection(StrictModel):
     experiment: str = "ralign"
     run_name: str | None = None
     log_images_every: int = Field(5, ge=0)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, uri: str) -> str:
+        # The config is logged as run params and config.yaml: a password in the URI would be stored with every run.
+        if re.match(r"^[a-z][a-z0-9+.-]*://[^/@]*:[^/@]*@", uri, re.IGNORECASE):
+            raise ValueError("holds credentials (user:password@); set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+                             "(or MLFLOW_TRACKING_TOKEN) in the environment instead")
+        return uri
 
 
 class TrainConfig(StrictModel):

@@ -100,3 +100,12 @@ def test_impossible_training_combinations_are_one_line_errors():
         with pytest.raises(ConfigError) as err:
             parse_config(TrainConfig, data)
         assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_credentials_in_the_tracking_uri_are_refused_and_never_echoed():
+    from ralign.train_config import TrainConfig
+
+    with pytest.raises(ConfigError) as info:
+        parse_config(TrainConfig, {"tracking": {"tracking_uri": "https://bob:s3cret@mlflow.example:5000"}})
+    assert "MLFLOW_TRACKING_PASSWORD" in str(info.value) and "s3cret" not in str(info.value)
+    assert parse_config(TrainConfig, {"tracking": {"tracking_uri": "https://mlflow.example:5000"}}).tracking.tracking_uri
