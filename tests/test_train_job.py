@@ -56,6 +56,20 @@ def test_refl_job_hands_prefixes_to_the_learner(tmp_path):
     assert "rollout_reward_mean" in run.data.metrics and "reward_mean" in run.data.metrics
     assert _iterations(client, summary["run_id"]) == [1, 2, 3]
 
+    # `ralign report` of the same run (in-process: a subprocess would cost seconds of imports).
+    import re
+
+    from ralign.report import build_report
+
+    index = build_report(summary["run_id"], tracking_uri=summary["tracking_uri"], out_dir=tmp_path / "report")
+    page = index.read_text(encoding="utf-8")
+    srcs = re.findall(r'<img[^>]* src="([^"]+)"', page)
+    assert all((index.parent / s).is_file() for s in srcs)
+    assert {"plots/rewards.png", "plots/timings.png"} <= set(srcs)
+    assert "No KL logged: refl" in page  # ReFL has no KL term; stated on the page, not an error
+    assert "No evaluation grids logged" in page  # train.eval.before_after=false
+    assert "report/index.html" in {a.path for a in client.list_artifacts(summary["run_id"], "report")}
+
 
 def test_dpok_job_survives_a_killed_driver_and_resumes_the_same_run(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -1,0 +1,264 @@
+"""`ralign bench pipeline`: the same training iteration three ways, on the same models and samples per iteration.
+
+1. Each stage alone, in this process with all cores and no orchestration: sampling a batch of chains, scoring it,
+   one learner update. The slowest of the three bounds any pipeline of them: the compute limit.
+2. Sequential: sample -> reward -> learn in a loop in this process, what a single-script user writes.
+3. The Ray pipeline: `ralign train` itself (sampler and reward actors, coordinator, Ray Train learner, MLflow), its
+   per-iteration times read back from MLflow.
+
+Reported besides samples/s: pipeline iteration time / slowest stage; the waiting time of each stage in the
+pipeline (learner: waiting for batches; samplers / reward actors: wall time not spent computing); the Ray overhead
+per rollout, measured by sending the same payloads the pipeline sends (a rollout there and back twice: sampler ->
+coordinator -> reward actor -> coordinator -> learner; and the adapter weights once per iteration) through an echo
+actor, as a fraction of an iteration; and the peak RSS of every process (/proc VmHWM, sampled while it runs).
+The first `warmup` iterations of each mode are left out of its rates (model loading, first-call allocations).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _vm_hwm_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class ProcessPeaks:
+    """Peak RSS of this process and of every Ray worker process (by its `ray::Name` title), sampled in a thread."""
+
+    def __init__(self, interval_s: float = 0.5):
+        self.interval_s, self.peaks = interval_s, {}
+        self._stop = threading.Event()
+
+    def _scan(self) -> None:
+        me = _vm_hwm_mb(os.getpid())
+        if me is not None:
+            self.peaks["driver"] = max(self.peaks.get("driver", 0.0), me)
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    title = f.read().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            m = re.match(r"ray::([A-Za-z_]+)", title)
+            if not m or m.group(1) in ("IDLE",):
+                continue
+            hwm = _vm_hwm_mb(int(entry))
+            if hwm is not None:
+                self.peaks[m.group(1)] = max(self.peaks.get(m.group(1), 0.0), hwm)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._scan()
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> "ProcessPeaks":
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _in_process(cfg, iterations: int, warmup: int, threads: int) -> tuple[dict, dict]:
+    """Stage-alone and sequential timings, in this process."""
+    import torch
+
+    from actors.coordinator import PromptSource
+    from jobs.bench.common import PeakSampler
+    from ralign.learner import Learner, LearnerBatch
+    from ralign.policy import build_policy
+    from ralign.rewards.registry import build_reward
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    policy = build_policy(cfg.policy_spec())
+    reward = build_reward({"name": cfg.reward.name, **cfg.reward.options})
+    learner = Learner(cfg, policy, reward)
+    source = PromptSource(cfg)
+    n = cfg.train.batch_size
+
+    def batch_ids(it: int) -> tuple[list[str], list[int]]:
+        ids = range(it * n, (it + 1) * n)
+        return [source.prompt(i) for i in ids], [source.seed_of(i) for i in ids]
+
+    def sample(prompts, seeds):
+        return learner.policy.sample(prompts, seeds)
+
+    def score(traj, prompts):
+        with torch.no_grad():
+            return reward(traj.images, prompts).score
+
+    def learn(traj, scores, prompts, seeds):
+        batch = LearnerBatch(prompts, seeds, [learner.policy.version] * n, latents=traj.latents, log_probs=traj.log_probs,
+                             timesteps=traj.timesteps, scores=scores)
+        return learner.update(batch)
+
+    stage_s = {"sample": [], "reward": [], "learn": []}
+    sequential_s = []
+    with PeakSampler(interval_s=0.02) as mem:
+        # Stages alone: each timed on its own (the learner's input is the batch just sampled and scored).
+        for it in range(warmup + iterations):
+            prompts, seeds = batch_ids(it)
+            t0 = time.perf_counter()
+            traj = sample(prompts, seeds)
+            t1 = time.perf_counter()
+            scores = score(traj, prompts)
+            t2 = time.perf_counter()
+            learn(traj, scores, prompts, seeds)
+            t3 = time.perf_counter()
+            if it >= warmup:
+                stage_s["sample"].append(t1 - t0)
+                stage_s["reward"].append(t2 - t1)
+                stage_s["learn"].append(t3 - t2)
+        # Sequential: the same loop as one unit, timed end to end (fresh prompts).
+        for it in range(warmup + iterations):
+            prompts, seeds = batch_ids(1000 + it)
+            t0 = time.perf_counter()
+            traj = sample(prompts, seeds)
+            learn(traj, score(traj, prompts), prompts, seeds)
+            if it >= warmup:
+                sequential_s.append(time.perf_counter() - t0)
+    stage_mean = {k: statistics.mean(v) for k, v in stage_s.items()}
+    return ({"stage_s": stage_mean, "sequential_iteration_s": statistics.mean(sequential_s)},
+            {"in_process": round(mem.peak, 1)})
+
+
+def _ray_overhead(cfg, state: dict, rollout_payload, rollouts_per_iteration: int, repeats: int = 20) -> dict:
+    """Seconds of Ray transfer + scheduling per rollout and per weight broadcast, timed with an echo actor."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Echo:
+        def echo(self, x):
+            return x
+
+        def take(self, x) -> int:
+            return 1
+
+    echo = Echo.remote()
+    ray.get(echo.take.remote(0))
+
+    def timed(fn) -> float:
+        fn()
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        return statistics.median(samples)
+
+    roundtrip = timed(lambda: ray.get(echo.echo.remote(rollout_payload)))
+    weights = timed(lambda: ray.get(echo.take.remote(ray.put(state))))
+    ray.kill(echo)
+    return {"rollout_roundtrip_s": roundtrip, "per_rollout_s": 2 * roundtrip, "weights_broadcast_s": weights,
+            "rollouts_per_iteration": rollouts_per_iteration}
+
+
+def run(config: str | Path, iterations: int, overrides: list[str] | None = None, warmup: int = 2, threads: int | None = None) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    from jobs.bench.common import machine
+    from jobs.train import train
+    from ralign.config import load_config
+    from ralign.train_config import TrainConfig
+
+    if iterations < 1:
+        raise ValueError("--iterations must be at least 1")
+    threads = threads or os.cpu_count() or 1
+    cfg = load_config(TrainConfig, config, [*(overrides or []), f"train.iterations={warmup + iterations}",
+                                            "train.eval.before_after=false", "train.eval.every=0", "tracking.log_images_every=0",
+                                            f"train.checkpoint_every={warmup + iterations}"])
+    if cfg.algorithm.name != "dpok":
+        raise ValueError("bench pipeline measures separate sample / reward / learn stages: use a DPOK config "
+                         "(gradient algorithms score inside the learner)")
+    n = cfg.train.batch_size
+    log.info("bench pipeline: stages alone and sequential, in-process (%d + %d warm-up iterations of %d samples)", iterations, warmup, n)
+    in_proc, peaks = _in_process(cfg, iterations, warmup, threads)
+
+    log.info("bench pipeline: the Ray pipeline (ralign train)")
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.ray.storage_path = str(Path(tmp) / "ray")
+        uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
+        import ray
+
+        with ProcessPeaks() as procs:
+            summary = train(cfg, tracking_uri=uri, progress=False)
+        client = MlflowClient(uri)
+
+        def history(key: str) -> list[float]:
+            points = sorted(client.get_metric_history(summary["run_id"], key), key=lambda m: m.step)
+            return [m.value for m in points if m.step > warmup]
+
+        iteration_s, wait_s, learn_s = history("iteration_s"), history("wait_s"), history("learn_s")
+        every = sorted(client.get_metric_history(summary["run_id"], "iteration_s"), key=lambda m: m.step)
+        run_wall = sum(m.value for m in every)  # all iterations, warm-up included (the busy totals below are too)
+        last = client.get_run(summary["run_id"]).data.metrics
+        # Busy seconds of the sampler / reward actors over the run, from their cumulative counters.
+        sample_busy = last.get("pipeline/produced", 0) / last["sampler_samples_per_s"] if last.get("sampler_samples_per_s") else None
+        reward_busy = last.get("pipeline/scored", 0) / last["reward_samples_per_s"] if last.get("reward_samples_per_s") else None
+        # Ray overhead: the same payloads as the pipeline's, through an echo actor on the same cluster.
+        import torch
+
+        from ralign.policy import build_policy
+
+        policy = build_policy(cfg.policy_spec())
+        traj = policy.sample(["a red circle"] * cfg.ray.request_batch, list(range(cfg.ray.request_batch)))
+        payload = {"latents": traj.latents.numpy(), "log_probs": traj.log_probs.numpy(),
+                   "images": (traj.images.permute(0, 2, 3, 1) * 255).to(torch.uint8).numpy()}
+        overhead = _ray_overhead(cfg, policy.trainable_state(), payload, max(1, n // cfg.ray.request_batch))
+        ray.shutdown()
+
+    iter_mean = statistics.mean(iteration_s)
+    stage = in_proc["stage_s"]
+    slowest = max(stage.values())
+    per_iteration_overhead = overhead["per_rollout_s"] * overhead["rollouts_per_iteration"] + overhead["weights_broadcast_s"]
+    wait = {"learner": statistics.mean(wait_s)}
+    # Samplers and reward actors: seconds per iteration (per actor) not spent computing, over the whole run.
+    if sample_busy is not None:
+        wait["sampler"] = max(0.0, run_wall * cfg.ray.samplers - sample_busy) / cfg.ray.samplers / len(every)
+    if reward_busy is not None:
+        wait["reward"] = max(0.0, run_wall * cfg.ray.reward_actors - reward_busy) / cfg.ray.reward_actors / len(every)
+    result = {
+        "benchmark": "pipeline", "machine": machine(), "config": str(config), "overrides": list(overrides or []),
+        "iterations": iterations, "warmup_iterations": warmup, "samples_per_iteration": n, "threads_in_process": threads,
+        "samples_per_s": {
+            "sample_stage": n / stage["sample"], "reward_stage": n / stage["reward"], "learn_stage": n / stage["learn"],
+            "sequential": n / in_proc["sequential_iteration_s"], "pipeline": n / iter_mean,
+        },
+        "stage_s": stage,
+        "pipeline_learn_s": statistics.mean(learn_s),
+        "sequential_iteration_s": in_proc["sequential_iteration_s"],
+        "pipeline_iteration_s": iter_mean,
+        "ratio_pipeline_vs_sequential": in_proc["sequential_iteration_s"] / iter_mean,
+        "ratio_iteration_vs_slowest_stage": iter_mean / slowest,
+        "slowest_stage": max(stage, key=stage.get),
+        "ray_overhead_s_per_iteration": per_iteration_overhead,
+        "ray_overhead_fraction": per_iteration_overhead / iter_mean,
+        "ray_overhead": overhead,
+        "wait_s": wait,
+        "peak_rss_mb": {**peaks, **{k: round(v, 1) for k, v in procs.peaks.items()}},
+        "ledger": summary.get("ledger", {}),
+        "run_id": summary["run_id"],
+    }
+    return result
