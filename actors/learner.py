@@ -126,7 +126,7 @@ def train_loop_per_worker(config: dict) -> None:
     coordinator = config["coordinator"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    torch.set_num_threads(cfg.ray.threads_per_actor)
+    torch.set_num_threads(cfg.ray.learner_threads or cfg.ray.threads_per_actor)
     torch.manual_seed(0)  # the same LoRA initialisation as the sampler actors
     from actors.rollout import actor_device
 

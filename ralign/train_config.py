@@ -134,6 +134,9 @@ class RaySection(StrictModel):
     reward_cpus: float = Field(0.5, gt=0.0)
     learner_cpus: float = Field(1.0, gt=0.0)
     threads_per_actor: int = Field(1, ge=1)
+    # torch threads of each learner worker (default: threads_per_actor). The learner is the slowest stage of a DPOK
+    # iteration; giving it a second thread lets it use a core the sampler leaves idle (ralign bench pipeline).
+    learner_threads: int | None = Field(None, ge=1)
     use_gpu: bool = False  # learners get one GPU each; samplers / reward actors get sampler_gpus / reward_gpus
     sampler_gpus: float = Field(0.0, ge=0.0)
     reward_gpus: float = Field(0.0, ge=0.0)

@@ -73,6 +73,19 @@ def _growth_exponent(rows: list[dict]) -> float | None:
     return round(sum((x - mx) * (y - my) for x, y in pts) / var, 3) if var else None
 
 
+def _linear_fit(rows: list[dict]) -> dict | None:
+    """Peak growth ≈ intercept + slope·K by least squares: the slope is what one more gradient step costs."""
+    pts = [(r["k"], r["peak_growth_mb"]) for r in rows if "peak_growth_mb" in r]
+    if len(pts) < 2:
+        return None
+    mx, my = sum(p[0] for p in pts) / len(pts), sum(p[1] for p in pts) / len(pts)
+    var = sum((x - mx) ** 2 for x, _ in pts)
+    if not var:
+        return None
+    slope = sum((x - mx) * (y - my) for x, y in pts) / var
+    return {"mb_per_gradient_step": round(slope, 2), "intercept_mb": round(my - slope * mx, 1)}
+
+
 def run(config: str | Path, ks: list[int], overrides: list[str] | None = None, threads: int = 2, timeout_s: float = 1800) -> dict:
     from jobs.bench.common import machine
     from ralign.config import load_config
@@ -103,4 +116,5 @@ def run(config: str | Path, ks: list[int], overrides: list[str] | None = None, t
         "benchmark": "memory", "machine": machine(), "config": str(config), "overrides": list(overrides or []),
         "chain_steps": steps, "threads": threads, "rows": rows,
         "growth_exponent": {"checkpointing": _growth_exponent(ckpt), "no_checkpointing": _growth_exponent(plain)},
+        "linear_fit": {"checkpointing": _linear_fit(ckpt), "no_checkpointing": _linear_fit(plain)},
     }

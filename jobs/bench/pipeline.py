@@ -6,7 +6,8 @@
 3. The Ray pipeline: `ralign train` itself (sampler and reward actors, coordinator, Ray Train learner, MLflow), its
    per-iteration times read back from MLflow.
 
-Reported besides samples/s: pipeline iteration time / slowest stage; the waiting time of each stage in the
+Reported besides samples/s: pipeline iteration time / slowest stage; the same stages at one thread each and the
+bound they put on any pipeline here (max of the slowest one-thread stage and the one-thread total over the cores); the waiting time of each stage in the
 pipeline (learner: waiting for batches; samplers / reward actors: wall time not spent computing); the Ray overhead
 per rollout, measured by sending the same payloads the pipeline sends (a rollout there and back twice: sampler ->
 coordinator -> reward actor -> coordinator -> learner; and the adapter weights once per iteration) through an echo
@@ -44,7 +45,24 @@ class ProcessPeaks:
 
     def __init__(self, interval_s: float = 0.5):
         self.interval_s, self.peaks = interval_s, {}
+        self.cpu_s: dict[int, tuple[str, float]] = {}  # pid -> (name, user + system CPU seconds, last seen)
         self._stop = threading.Event()
+
+    @staticmethod
+    def _cpu_seconds(pid: str) -> float | None:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def cpu_by_name(self) -> dict[str, float]:
+        """CPU seconds each kind of Ray process used while sampled (all processes of a name summed)."""
+        out: dict[str, float] = {}
+        for name, seconds in self.cpu_s.values():
+            out[name] = round(out.get(name, 0.0) + seconds, 2)
+        return out
 
     def _scan(self) -> None:
         me = _vm_hwm_mb(os.getpid())
@@ -64,6 +82,9 @@ class ProcessPeaks:
             hwm = _vm_hwm_mb(int(entry))
             if hwm is not None:
                 self.peaks[m.group(1)] = max(self.peaks.get(m.group(1), 0.0), hwm)
+            cpu = self._cpu_seconds(entry)
+            if cpu is not None:
+                self.cpu_s[int(entry)] = (m.group(1), cpu)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -139,9 +160,68 @@ def _in_process(cfg, iterations: int, warmup: int, threads: int) -> tuple[dict, 
             learn(traj, score(traj, prompts), prompts, seeds)
             if it >= warmup:
                 sequential_s.append(time.perf_counter() - t0)
+        # The same stages with one thread each: the CPU-seconds an iteration costs, which bound any pipeline on
+        # this machine (the pipeline's actors run one thread each on their share of the cores).
+        torch.set_num_threads(1)
+        one_thread = {"sample": [], "reward": [], "learn": []}
+        for it in range(warmup // 2 + max(2, iterations // 2)):
+            prompts, seeds = batch_ids(2000 + it)
+            t0 = time.perf_counter()
+            traj = sample(prompts, seeds)
+            t1 = time.perf_counter()
+            scores = score(traj, prompts)
+            t2 = time.perf_counter()
+            learn(traj, scores, prompts, seeds)
+            t3 = time.perf_counter()
+            if it >= warmup // 2:
+                one_thread["sample"].append(t1 - t0)
+                one_thread["reward"].append(t2 - t1)
+                one_thread["learn"].append(t3 - t2)
+        torch.set_num_threads(threads)
     stage_mean = {k: statistics.mean(v) for k, v in stage_s.items()}
-    return ({"stage_s": stage_mean, "sequential_iteration_s": statistics.mean(sequential_s)},
+    return ({"stage_s": stage_mean, "sequential_iteration_s": statistics.mean(sequential_s),
+             "stage_s_one_thread": {k: statistics.mean(v) for k, v in one_thread.items()}},
             {"in_process": round(mem.peak, 1)})
+
+
+def _busy_work(seconds_budget: float, queue) -> None:
+    """One thread of the kind of work the stages do (convolutions + matmuls), timed; for `core_contention`."""
+    import torch
+
+    torch.set_num_threads(1)
+    x, w = torch.randn(8, 64, 32, 32), torch.randn(64, 64, 3, 3)
+    a = torch.randn(256, 256)
+    for _ in range(3):  # warm-up
+        torch.nn.functional.conv2d(x, w, padding=1)
+    t0, n = time.perf_counter(), 0
+    while n < 40:
+        torch.nn.functional.conv2d(x, w, padding=1)
+        a = torch.tanh(a @ a.T / 256)
+        n += 1
+    queue.put(time.perf_counter() - t0)
+
+
+def core_contention(processes: int = 2) -> dict:
+    """How much one single-threaded compute process slows down when `processes` run at once: 1.0 means the cores
+    are independent; more means they share execution units or memory bandwidth, which bounds any pipeline that runs
+    its stages side by side."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+
+    def timed(count: int) -> float:
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_busy_work, args=(0.0, queue)) for _ in range(count)]
+        for p in procs:
+            p.start()
+        times = [queue.get(timeout=600) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+        return statistics.mean(times)
+
+    alone = statistics.median([timed(1) for _ in range(3)])
+    together = statistics.median([timed(processes) for _ in range(3)])
+    return {"processes": processes, "alone_s": alone, "together_s": together, "slowdown": together / alone}
 
 
 def _ray_overhead(cfg, state: dict, rollout_payload, rollouts_per_iteration: int, repeats: int = 20) -> dict:
@@ -196,6 +276,8 @@ def run(config: str | Path, iterations: int, overrides: list[str] | None = None,
     log.info("bench pipeline: stages alone and sequential, in-process (%d + %d warm-up iterations of %d samples)", iterations, warmup, n)
     in_proc, peaks = _in_process(cfg, iterations, warmup, threads)
 
+    contention = core_contention(min(2, os.cpu_count() or 1))
+    log.info("bench pipeline: single-thread work slows down %.2fx when %d processes run at once", contention["slowdown"], contention["processes"])
     log.info("bench pipeline: the Ray pipeline (ralign train)")
     with tempfile.TemporaryDirectory() as tmp:
         cfg.ray.storage_path = str(Path(tmp) / "ray")
@@ -232,6 +314,8 @@ def run(config: str | Path, iterations: int, overrides: list[str] | None = None,
     iter_mean = statistics.mean(iteration_s)
     stage = in_proc["stage_s"]
     slowest = max(stage.values())
+    one = in_proc["stage_s_one_thread"]
+    bound = max(max(one.values()), sum(one.values()) / (os.cpu_count() or 1))
     per_iteration_overhead = overhead["per_rollout_s"] * overhead["rollouts_per_iteration"] + overhead["weights_broadcast_s"]
     wait = {"learner": statistics.mean(wait_s)}
     # Samplers and reward actors: seconds per iteration (per actor) not spent computing, over the whole run.
@@ -247,6 +331,15 @@ def run(config: str | Path, iterations: int, overrides: list[str] | None = None,
             "sequential": n / in_proc["sequential_iteration_s"], "pipeline": n / iter_mean,
         },
         "stage_s": stage,
+        "stage_s_one_thread": one,
+        # No pipeline of these stages on this machine can beat either bound: the slowest stage at one thread (a
+        # stage is one actor), or all stages' one-thread CPU-seconds spread over every core.
+        "pipeline_bound_s": bound,
+        "core_contention": contention,
+        # The same bound with the measured slowdown of side-by-side single-thread work on this machine.
+        "pipeline_bound_contended_s": bound * contention["slowdown"],
+        "ratio_iteration_vs_bound": iter_mean / bound,
+        "ratio_bound_vs_sequential": bound / in_proc["sequential_iteration_s"],
         "pipeline_learn_s": statistics.mean(learn_s),
         "sequential_iteration_s": in_proc["sequential_iteration_s"],
         "pipeline_iteration_s": iter_mean,
@@ -257,6 +350,10 @@ def run(config: str | Path, iterations: int, overrides: list[str] | None = None,
         "ray_overhead_fraction": per_iteration_overhead / iter_mean,
         "ray_overhead": overhead,
         "wait_s": wait,
+        # CPU seconds per kind of Ray process over the whole run (model loading and start-up included): what
+        # besides the three stages takes the cores.
+        "ray_process_cpu_s": procs.cpu_by_name(),
+        "pipeline_run_wall_s": run_wall,
         "peak_rss_mb": {**peaks, **{k: round(v, 1) for k, v in procs.peaks.items()}},
         "ledger": summary.get("ledger", {}),
         "run_id": summary["run_id"],
