@@ -103,10 +103,12 @@ def submit(address: str, config: str | Path, overrides: list[str] | None = None,
         try:
             return client.submit_job(entrypoint=build_entrypoint(config, overrides, tracking_uri), runtime_env=runtime_env,
                                      submission_id=job_id, metadata={"project": "ralign", "config": Path(config).name})
-        except RuntimeError as exc:
+        except (RuntimeError, OSError) as exc:
             # A cluster that has just started answers before its job agent is up ("No available agent to submit
-            # job"): wait for it, bounded; any other refusal is the user's to fix.
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+            # job", or the connection dropped while the agent starts): wait for it, bounded; any other refusal is
+            # the user's to fix. (requests raises OSError subclasses for dropped connections.)
+            starting = "No available agent" in str(exc) or isinstance(exc, OSError)
+            if not starting or time.monotonic() > deadline:
                 raise ConfigError(f"the Ray job server at {address} refused the job: {str(exc).splitlines()[0]}") from None
             time.sleep(2)
 
