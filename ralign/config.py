@@ -24,11 +24,12 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]*:[^/@\s'\"]*@")
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]*@")
 
 
 def redact_credentials(text: str) -> str:
-    """`scheme://user:password@host` -> `scheme://***@host`: error messages and logs never repeat a password."""
+    """`scheme://user:password@host` (or `scheme://token@host`) -> `scheme://***@host`: error messages, logs and
+    reports never repeat a credential."""
     return _USERINFO.sub(r"\1***@", text)
 
 

@@ -25,9 +25,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import yaml
+
+from ralign.config import redact_credentials
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILES = ("trainable.safetensors", "learner_state.json")
@@ -87,10 +88,7 @@ def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
 
 def redact_uri(uri: str) -> str:
     """The URI without a user:password@ part (for messages and JSON; never store a URI in tags)."""
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+    return redact_credentials(uri)
 
 
 def _client(tracking_uri: str):

@@ -135,23 +135,26 @@ def _in_process(cfg, iterations: int, warmup: int, threads: int) -> tuple[dict, 
                              timesteps=traj.timesteps, scores=scores)
         return learner.update(batch)
 
-    stage_s = {"sample": [], "reward": [], "learn": []}
-    sequential_s = []
-    with PeakSampler(interval_s=0.02) as mem:
-        # Stages alone: each timed on its own (the learner's input is the batch just sampled and scored).
-        for it in range(warmup + iterations):
-            prompts, seeds = batch_ids(it)
+    def time_stages(first_batch: int, count: int, skip: int) -> dict[str, float]:
+        """Mean seconds of each stage over `count` iterations, the first `skip` left out (warm-up)."""
+        times: dict[str, list[float]] = {"sample": [], "reward": [], "learn": []}
+        for it in range(count):
+            prompts, seeds = batch_ids(first_batch + it)
             t0 = time.perf_counter()
             traj = sample(prompts, seeds)
             t1 = time.perf_counter()
             scores = score(traj, prompts)
             t2 = time.perf_counter()
             learn(traj, scores, prompts, seeds)
-            t3 = time.perf_counter()
-            if it >= warmup:
-                stage_s["sample"].append(t1 - t0)
-                stage_s["reward"].append(t2 - t1)
-                stage_s["learn"].append(t3 - t2)
+            if it >= skip:
+                for stage, seconds in (("sample", t1 - t0), ("reward", t2 - t1), ("learn", time.perf_counter() - t2)):
+                    times[stage].append(seconds)
+        return {k: statistics.mean(v) for k, v in times.items()}
+
+    sequential_s = []
+    with PeakSampler(interval_s=0.02) as mem:
+        # Stages alone: each timed on its own (the learner's input is the batch just sampled and scored).
+        stage_mean = time_stages(0, warmup + iterations, warmup)
         # Sequential: the same loop as one unit, timed end to end (fresh prompts).
         for it in range(warmup + iterations):
             prompts, seeds = batch_ids(1000 + it)
@@ -163,24 +166,10 @@ def _in_process(cfg, iterations: int, warmup: int, threads: int) -> tuple[dict, 
         # The same stages with one thread each: the CPU-seconds an iteration costs, which bound any pipeline on
         # this machine (the pipeline's actors run one thread each on their share of the cores).
         torch.set_num_threads(1)
-        one_thread = {"sample": [], "reward": [], "learn": []}
-        for it in range(warmup // 2 + max(2, iterations // 2)):
-            prompts, seeds = batch_ids(2000 + it)
-            t0 = time.perf_counter()
-            traj = sample(prompts, seeds)
-            t1 = time.perf_counter()
-            scores = score(traj, prompts)
-            t2 = time.perf_counter()
-            learn(traj, scores, prompts, seeds)
-            t3 = time.perf_counter()
-            if it >= warmup // 2:
-                one_thread["sample"].append(t1 - t0)
-                one_thread["reward"].append(t2 - t1)
-                one_thread["learn"].append(t3 - t2)
+        one_thread = time_stages(2000, warmup // 2 + max(2, iterations // 2), warmup // 2)
         torch.set_num_threads(threads)
-    stage_mean = {k: statistics.mean(v) for k, v in stage_s.items()}
     return ({"stage_s": stage_mean, "sequential_iteration_s": statistics.mean(sequential_s),
-             "stage_s_one_thread": {k: statistics.mean(v) for k, v in one_thread.items()}},
+             "stage_s_one_thread": one_thread},
             {"in_process": round(mem.peak, 1)})
 
 
