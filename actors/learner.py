@@ -128,7 +128,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank = ctx.get_world_rank()
     torch.set_num_threads(cfg.ray.learner_threads or cfg.ray.threads_per_actor)
     torch.manual_seed(0)  # the same LoRA initialisation as the sampler actors
-    from actors.rollout import actor_device
+    from actors.rollout import actor_device, weights_for_transfer
 
     device = actor_device(cfg.ray.use_gpu)
     policy = build_policy({**cfg.policy_spec(), "device": device})
@@ -152,7 +152,8 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             # Samplers restart from the checkpoint's weights and prompt position; anything queued from the
             # interrupted attempt is stale and dropped (counted in the ledger).
-            ray.get(coordinator.resume_from.remote(learner.trainable_state(), learner.policy.version, record["next_id"]))
+            ray.get(coordinator.resume_from.remote(weights_for_transfer(learner.trainable_state()), learner.policy.version,
+                                                   record["next_id"]))
         log.info("rank %d resumed at iteration %d (version %d)", rank, start_iteration, learner.policy.version)
         if rank == 0:
             logger.tag("ralign.resumed_from_iteration", str(start_iteration))
@@ -174,7 +175,8 @@ def train_loop_per_worker(config: dict) -> None:
         stats = learner.update(to_learner_batch(data))
         t2 = time.perf_counter()
         if rank == 0:
-            coordinator.publish.remote(learner.trainable_state(), learner.policy.version, learner.reward_shared_weights())
+            coordinator.publish.remote(weights_for_transfer(learner.trainable_state()), learner.policy.version,
+                                       weights_for_transfer(learner.reward_shared_weights()))
         stats.update(
             learn_s=t2 - t1, wait_s=t1 - t0, iteration_s=time.perf_counter() - t0,
             samples_per_s=cfg.train.batch_size * learner.world_size / max(1e-9, time.perf_counter() - t0),

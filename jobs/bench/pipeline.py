@@ -217,6 +217,8 @@ def _ray_overhead(cfg, state: dict, rollout_payload, rollouts_per_iteration: int
     """Seconds of Ray transfer + scheduling per rollout and per weight broadcast, timed with an echo actor."""
     import ray
 
+    from actors.rollout import weights_for_transfer
+
     @ray.remote(num_cpus=0)
     class Echo:
         def echo(self, x):
@@ -238,7 +240,7 @@ def _ray_overhead(cfg, state: dict, rollout_payload, rollouts_per_iteration: int
         return statistics.median(samples)
 
     roundtrip = timed(lambda: ray.get(echo.echo.remote(rollout_payload)))
-    weights = timed(lambda: ray.get(echo.take.remote(ray.put(state))))
+    weights = timed(lambda: ray.get(echo.take.remote(ray.put(weights_for_transfer(state)))))
     ray.kill(echo)
     return {"rollout_roundtrip_s": roundtrip, "per_rollout_s": 2 * roundtrip, "weights_broadcast_s": weights,
             "rollouts_per_iteration": rollouts_per_iteration}

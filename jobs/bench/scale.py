@@ -23,7 +23,7 @@ def run(config: str | Path, counts: list[int], requests_per_sampler: int = 4, ov
     import ray
     from ray.cluster_utils import Cluster
 
-    from actors.rollout import RolloutRequest, SamplerActor
+    from actors.rollout import RolloutRequest, SamplerActor, weights_for_transfer
     from jobs.bench.common import machine
     from ralign.config import load_config
     from ralign.policy import build_policy
@@ -57,7 +57,7 @@ def run(config: str | Path, counts: list[int], requests_per_sampler: int = 4, ov
             broadcast = []
             for version in range(1, 6):
                 t0 = time.perf_counter()
-                ref = ray.put(state)
+                ref = ray.put(weights_for_transfer(state))  # as the learner publishes them
                 ray.get([s.set_weights.remote(ref, version) for s in samplers])
                 broadcast.append(time.perf_counter() - t0)
             samples = count * requests_per_sampler * n
