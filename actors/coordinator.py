@@ -22,7 +22,7 @@ import numpy as np
 import ray
 import torch
 
-from actors.rollout import PipelineConfig, RewardActor, RolloutPipeline, SamplerActor
+from actors.rollout import PipelineConfig, RewardActor, RolloutPipeline, SamplerActor, one_line_error
 from ralign.learner import draw_gradient_steps
 from ralign.rewards.registry import needs_attention
 from ralign.train_config import GRADIENT_ALGORITHMS, TrainConfig
@@ -108,7 +108,10 @@ class RolloutCoordinator:
         self.pipeline = RolloutPipeline(
             self.samplers, self.rewards, self._prompt_batch,
             PipelineConfig(batch_per_request=r.request_batch, max_inflight_per_sampler=r.max_inflight_per_sampler,
-                           max_unconsumed=cfg.unconsumed_bound(), max_staleness=r.max_staleness),
+                           max_unconsumed=cfg.unconsumed_bound(), max_staleness=r.max_staleness,
+                           reward_timeout_s=r.reward_timeout_s, max_score_attempts=r.max_score_attempts,
+                           max_reward_errors=r.max_reward_errors, max_bad_fraction=cfg.train.max_bad_reward_fraction,
+                           min_samples_for_bad_fraction=cfg.train.batch_size),
             plan_fn=request_plan(cfg),
         )
         self.pipeline.next_id = next_id
@@ -127,7 +130,21 @@ class RolloutCoordinator:
         if len(prints) != 1:
             raise RuntimeError(f"sampler actors loaded different base models (fingerprints {sorted(prints)})")
         self.fingerprint = prints.pop()
+        try:
+            ray.get([r.ready.remote() for r in self.rewards])
+        except ray.exceptions.RayActorError as exc:
+            raise RuntimeError(f"a reward actor could not start: {one_line_error(exc)}") from None
         return self.fingerprint
+
+    def actor_pids(self) -> dict[str, list[int]]:
+        """Process ids of the sampler and reward actors (operators and fault drills kill them by id)."""
+        return {"samplers": ray.get([s.pid.remote() for s in self.samplers]), "rewards": ray.get([r.pid.remote() for r in self.rewards])}
+
+    def quarantine_records(self) -> list[dict]:
+        """Quarantined samples since the last call (prompt, seed, reason, scores, image), for the run's artefacts."""
+        with self.lock:
+            records, self.pipeline.quarantine_log = self.pipeline.quarantine_log, []
+        return records
 
     def base_fingerprint(self) -> str:
         return self.fingerprint
@@ -178,8 +195,7 @@ class RolloutCoordinator:
         with self.lock:
             self.pending_weights = self.pipeline.broadcast_async(ref, version)
             if reward_state:
-                reward_ref = ray.put(reward_state)
-                self.pending_weights += [r.set_shared_weights.remote(reward_ref) for r in self.rewards]
+                self.pending_weights += self.pipeline.share_reward_weights(ray.put(reward_state))
 
     def resume_from(self, state: dict, version: int, next_id: int) -> None:
         """A learner restarted from a checkpoint: whatever was sampled for the interrupted attempt is dropped

@@ -71,6 +71,17 @@ class RunLogger:
             self.client.log_artifact(self.run_id, str(local_file), artifact_path)
 
 
+def log_quarantine(records: list[dict], logger: "RunLogger") -> None:
+    """Quarantined samples (prompt, reason, image) to the run's `quarantine/` artefacts."""
+    if not records:
+        return
+    from ralign.quarantine import write_quarantine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_quarantine(records, tmp)
+        logger.artifacts(tmp, "quarantine")
+
+
 def to_learner_batch(data: dict) -> LearnerBatch:
     if data["kind"] == "full":
         return LearnerBatch(
@@ -198,6 +209,7 @@ def train_loop_per_worker(config: dict) -> None:
                 for key, values in data["components"].items():
                     stats[f"reward/{key}"] = float(np.mean(values))
             logger.metrics(stats, step=step)
+            log_quarantine(ray.get(coordinator.quarantine_records.remote()), logger)
             if cfg.tracking.log_images_every and data.get("images") is not None and step % cfg.tracking.log_images_every == 0:
                 with tempfile.TemporaryDirectory() as tmp:
                     _save_batch_grid(data, Path(tmp) / f"rollouts_{step:04d}.png")

@@ -68,7 +68,8 @@ def method_config(method: str, n_per_family: int, tracking_uri: str | None, extr
 
 def _digest(cfg: TrainConfig | None, n_per_family: int) -> str:
     # Settings that cannot change a row's numbers stay out, so adding one does not invalidate every stored row.
-    text = cfg.model_dump_json(exclude={"tracking": True, "ray": {"metric_wait_s"}, "reward": {"deployment"}}) if cfg is not None else f"base-{n_per_family}"
+    text = cfg.model_dump_json(exclude={"tracking": True, "reward": {"deployment"},
+                                                 "ray": {"metric_wait_s", "reward_timeout_s", "max_score_attempts", "max_reward_errors"}}) if cfg is not None else f"base-{n_per_family}"
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -176,7 +176,7 @@ def train(cfg: TrainConfig | None, resume: str | None = None, tracking_uri: str 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from actors.coordinator import RolloutCoordinator
-    from actors.learner import train_loop_per_worker
+    from actors.learner import RunLogger, log_quarantine, train_loop_per_worker
 
     from ralign.deepspeed_ops import configure_environment
 
@@ -187,6 +187,8 @@ def train(cfg: TrainConfig | None, resume: str | None = None, tracking_uri: str 
     _init_ray(cfg)
     coordinator = RolloutCoordinator.remote(cfg.model_dump(mode="json"))
     ray.get(coordinator.ready.remote())
+    # Process ids, so an operator (or a fault drill) can find the rollout actors of this run on its nodes.
+    log.info("rollout actors up: %s", ray.get(coordinator.actor_pids.remote()))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "coordinator": coordinator, "run_id": run_id, "tracking_uri": uri},
@@ -202,21 +204,42 @@ def train(cfg: TrainConfig | None, resume: str | None = None, tracking_uri: str 
     bar = threading.Thread(target=_progress, args=(coordinator, cfg.train.iterations, done), daemon=True)
     if progress:
         bar.start()
-    status = "FAILED"
+    status, failure = "FAILED", None
     try:
         result = trainer.fit()
         status = "FINISHED"
+    except Exception as exc:  # noqa: BLE001 - re-raised below as one line, after the run is closed
+        failure = exc
     finally:
         done.set()
         ledger = ray.get(coordinator.shutdown.remote())
         client.log_dict(run_id, ledger, "pipeline_ledger.json")
+        log_quarantine(ray.get(coordinator.quarantine_records.remote()), RunLogger(uri, run_id, enabled=True))
         client.set_terminated(run_id, status=status)
         if bar.is_alive():
             bar.join(timeout=5)
+    if failure is not None:
+        log.error("training failed", exc_info=failure)
+        ray.shutdown()  # Ray flushes the workers' forwarded logs now, so the one-line reason comes after them
+        raise TrainingFailed(training_failure(failure)) from failure
     checkpoint = result.checkpoint.path if result.checkpoint else None
     summary = summarize(client, run_id, cfg, checkpoint, uri)
     summary["ledger"] = ledger
     return summary
+
+
+class TrainingFailed(RuntimeError):
+    """The run failed (its MLflow run is closed as FAILED, its ledger logged); the message is the cause, one line."""
+
+
+def training_failure(exc: BaseException) -> str:
+    """Why a run failed, in one line: Ray Train wraps a worker's error (which may itself wrap the coordinator's)."""
+    from actors.rollout import one_line_error
+
+    failures = getattr(exc, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        exc = next(iter(failures.values()))
+    return one_line_error(exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingFailed as exc:
+        print(f"error: training failed: {exc}", file=sys.stderr)
+        return 1
     text = json.dumps(summary, indent=2)
     if args.json_out:
         Path(args.json_out).write_text(text + "\n")

@@ -235,13 +235,17 @@ def train_command(
 ) -> None:
     """Fine-tune a diffusion model with RL on a Ray cluster (a local one by default), tracked in MLflow."""
     _setup_logging()
-    from jobs.train import train
+    from jobs.train import TrainingFailed, train
     from ralign.config import load_config
     from ralign.train_config import TrainConfig
 
     # A resumed run uses the config it was started with (logged in MLflow); --set still applies on top of it.
     cfg = None if resume else load_config(TrainConfig, config, set_ or [])
-    summary = train(cfg, resume=resume, tracking_uri=tracking_uri, overrides=set_ or [])
+    try:
+        summary = train(cfg, resume=resume, tracking_uri=tracking_uri, overrides=set_ or [])
+    except TrainingFailed as exc:  # the traceback is in the log above; the reason, once, is the last line
+        typer.echo(f"error: training failed: {exc}", err=True)
+        raise typer.Exit(1) from None
     _emit_json(summary, json_out)
     o_before, o_after = summary.get("oracle_before"), summary.get("oracle_after")
     typer.echo(f"MLflow run {summary['run_id']} at {summary['tracking_uri']} (open with: mlflow ui --backend-store-uri {summary['tracking_uri']})")

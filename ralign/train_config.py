@@ -151,6 +151,12 @@ class RaySection(StrictModel):
     # The last iteration waits up to this long for the metrics rollouts already issued to be scored, so its logged
     # rollout reward covers all of them (it does not change what is trained).
     metric_wait_s: float = Field(120.0, ge=0)
+    # Faults (actors/rollout.py): a reward call running longer is abandoned (its samples quarantined, its actor
+    # restarted); scoring is re-issued when a reward actor dies, up to max_score_attempts; this many failed reward
+    # calls in a row (a reward server that stays down) stop the run with the last error.
+    reward_timeout_s: float = Field(600.0, gt=0)
+    max_score_attempts: int = Field(3, ge=1)
+    max_reward_errors: int = Field(3, ge=1)
     storage_path: str = "runs/ray_train"  # Ray Train checkpoints (shared storage on a real cluster)
 
 

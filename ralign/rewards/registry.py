@@ -17,6 +17,7 @@ _BUILDERS: dict[str, str | Callable[..., object]] = {
     "grounded_attention": "ralign.rewards.grounded_attention:GroundedAttentionReward",
     "fidelity": "ralign.rewards.fidelity:FidelityDiscriminator",
     "weighted": "ralign.rewards.weighted:WeightedReward",
+    "fault_injection": "ralign.rewards.fault_injection:FaultInjectionReward",
 }
 
 
