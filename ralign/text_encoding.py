@@ -1,11 +1,12 @@
 """Prompt encoding for the UNet's cross-attention: the pipeline's plain (truncated) encoding, and LongAlign's
 segment-level encoding of prompts longer than the text encoder's token limit.
 
-Segment-level encoding (LongAlign, DESIGN.md section 1): split the prompt into sentences, encode each sentence on its
-own with the frozen text encoder (each restarts its position embeddings), drop every end-of-text and padding token,
-keep each segment's start-of-text token, concatenate along the sequence axis, truncate to a token budget, and pad
-with one shared pad embedding: the mean of the tail (the positions after end-of-text) of the empty prompt's
-encoding. Cross-attention accepts any sequence length, so the UNet is unchanged.
+Segment-level encoding (LongAlign, DESIGN.md section 1): split the prompt into sentences (a sentence longer than one
+encoder pass is split further, at word boundaries), encode each segment on its own with the frozen text encoder
+(each restarts its position embeddings), drop every end-of-text and padding token, keep each segment's
+start-of-text token, concatenate along the sequence axis, truncate to a token budget, and pad with one shared pad
+embedding: the mean of the tail (the positions after end-of-text) of the empty prompt's encoding. Cross-attention
+accepts any sequence length, so the UNet is unchanged. `overflow` says what a prompt would lose to the budget.
 """
 
 from __future__ import annotations
@@ -39,6 +40,31 @@ class PlainEncoder:
         ).input_ids.to(self.text_encoder.device)
         return self.text_encoder(ids).last_hidden_state
 
+    def overflow(self, prompt: str) -> str | None:
+        """What of `prompt` this encoding would cut off, as a phrase for an error message; None if it reads it all."""
+        n = len(self.tokenizer(prompt, verbose=False).input_ids)  # untruncated, and no warning about that
+        limit = self.tokenizer.model_max_length
+        if n > limit:
+            return f"{n} tokens, but the plain text encoding reads {limit} (start and end tokens included) and cuts off the rest"
+        return None
+
+
+def fit_sentence(sentence: str, word_tokens: Sequence[int], limit: int) -> list[str]:
+    """`sentence` cut at word boundaries into pieces of at most `limit` tokens, given the token count of each of its
+    whitespace-separated words (tokenizers that split on whitespace first, as CLIP's BPE and the toy word-level one
+    do, tokenise a text to the concatenation of its words' tokens). A single word over the limit stays a piece of
+    its own (the encoder then truncates it; `SegmentEncoder.overflow` reports that)."""
+    words = sentence.split()
+    pieces: list[list[str]] = []
+    used = limit + 1  # forces a new piece for the first word
+    for word, n in zip(words, word_tokens):
+        if used + n > limit:
+            pieces.append([])
+            used = 0
+        pieces[-1].append(word)
+        used += n
+    return [" ".join(p) for p in pieces] or [sentence]
+
 
 @dataclass
 class SegmentEncoder:
@@ -63,8 +89,24 @@ class SegmentEncoder:
         eos_pos = int((ids[0] == self.tokenizer.eos_token_id).nonzero()[0])
         return hidden[eos_pos + 1 :].mean(dim=0)
 
+    def segments(self, prompt: str) -> list[str]:
+        """The pieces encoded one pass each: the prompt's sentences, a sentence longer than one pass split at word
+        boundaries (else the tokenizer would silently cut its end off before the budget is even reached)."""
+        sentences = split_segments(prompt)
+        limit = self.tokenizer.model_max_length - 2  # start and end tokens
+        lengths = [len(ids) for ids in self.tokenizer(sentences, add_special_tokens=False, verbose=False).input_ids]
+        out: list[str] = []
+        for sentence, n in zip(sentences, lengths):
+            if n <= limit:
+                out.append(sentence)
+                continue
+            words = sentence.split()
+            word_tokens = [len(ids) for ids in self.tokenizer(words, add_special_tokens=False, verbose=False).input_ids]
+            out.extend(fit_sentence(sentence, word_tokens, limit))
+        return out
+
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
-        segments_per_prompt = [split_segments(p) for p in prompts]
+        segments_per_prompt = [self.segments(p) for p in prompts]
         flat = [s for segs in segments_per_prompt for s in segs]
         ids = self.tokenizer(
             flat, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
@@ -86,10 +128,23 @@ class SegmentEncoder:
         return torch.stack(out)
 
     def token_count(self, prompt: str) -> int:
-        """Tokens of the concatenation before truncation (what the budget is compared with)."""
-        ids = self.tokenizer(split_segments(prompt), truncation=True, max_length=self.tokenizer.model_max_length).input_ids
+        """Tokens of the concatenation before it is cut to the budget (what the budget is compared with)."""
+        ids = self.tokenizer(self.segments(prompt), truncation=True, max_length=self.tokenizer.model_max_length).input_ids
         drop = self._special_ids()
         return sum(sum(1 for i in seg if i not in drop) for seg in ids)
+
+    def overflow(self, prompt: str) -> str | None:
+        """What of `prompt` this encoding would cut off, as a phrase for an error message; None if it reads it all."""
+        limit = self.tokenizer.model_max_length
+        for piece in self.segments(prompt):
+            n = len(self.tokenizer(piece, verbose=False).input_ids)
+            if n > limit:
+                return (f"the word run {piece[:40]!r} is {n} tokens with no space to split it at, but one encoder pass reads "
+                        f"{limit} (start and end tokens included)")
+        n = self.token_count(prompt)
+        if n > self.budget:
+            return f"{n} tokens after segment encoding, but the budget is {self.budget} (model.policy.segment_budget) and the rest is cut off"
+        return None
 
 
 def interpolate_embeddings(original: torch.Tensor, tuned: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
