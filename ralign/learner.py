@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ralign.algorithms.advantages import PerPromptNormalizer
 from ralign.algorithms.direct_backprop import DirectBackpropConfig, backprop_update, gradient_steps
@@ -354,13 +354,29 @@ class Learner:
             if hasattr(self.reward, "save_state"):  # a reward that trains alongside (CoMat's discriminator)
                 self.reward.save_state(directory)
             (directory / STATE_FILE).write_text(json.dumps(record))
+        from ralign.checkpoint_io import write_manifest
+
+        # Last, so that a save cut short leaves no manifest and is refused on load (ralign/checkpoint_io.py).
+        write_manifest(directory, self.rank)
 
     def load(self, directory: str | Path) -> dict:
+        """Restore a checkpoint written by `save`, after checking every file against its manifest; DeepSpeed's pickled
+        engine state is read with weights_only=True (ralign/checkpoint_io.py says why both)."""
+        from ralign.checkpoint_io import CheckpointError, read_json, read_safetensors, verify_manifest, weights_only_engine_loads
+
         directory = Path(directory)
-        record = json.loads((directory / STATE_FILE).read_text())
-        self.engine.load_checkpoint(str(directory), tag="engine", load_module_strict=False)
+        verify_manifest(directory)
+        record = read_json(directory / STATE_FILE)
+        missing = [k for k in ("iteration", "version", "normalizer", "bad_rewards", "seen_rewards", "generator") if k not in record]
+        if missing:
+            raise CheckpointError(f"{directory / STATE_FILE}: missing {', '.join(missing)}")
+        with weights_only_engine_loads(self.engine):
+            load_path, _ = self.engine.load_checkpoint(str(directory), tag="engine", load_module_strict=False)
+        if load_path is None:
+            raise CheckpointError(f"{directory / 'engine'}: DeepSpeed found no engine state to resume from")
         # The trainable weights come from the safetensors file (the engine's module file holds the same tensors).
-        self.policy.load_trainable_state(load_file(str(directory / ADAPTER_FILE)), record["version"])
+        weights = directory / ADAPTER_FILE
+        self.policy.load_trainable_state(read_safetensors(weights), record["version"], source=str(weights), complete=True)
         self.iteration = record["iteration"]
         self.normalizer.history.clear()
         for p, h in record["normalizer"].items():

@@ -96,6 +96,10 @@ class DiffusionPolicy:
         with ctx:
             return encoder(list(prompts)), encoder([""] * len(prompts))
 
+    def prompt_overflow(self, prompt: str) -> str | None:
+        """What of `prompt` this policy's text encoding would cut off, as a phrase; None if it reads all of it."""
+        return self._encoder_for(self.text_encoder).overflow(prompt)
+
     def encode(self, prompts: Sequence[str], original: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(cond, uncond) embeddings; `original=True` uses the pretrained text encoder (TextCraftor's prefix).
         With a tuned encoder, `cfg.text_encoder_weight` and `mixed_text_encoders` blend it with the original one
@@ -113,18 +117,21 @@ class DiffusionPolicy:
             blends.append((weight, self._encode_with(module, prompts, original=False)))
         return tuple(interpolate_embeddings(base[i], [(w, e[i]) for w, e in blends]) for i in (0, 1))
 
-    def mix_text_encoder(self, state: dict[str, torch.Tensor], weight: float) -> None:
-        """Blend in another tuned text encoder (its `text_encoder.*` tensors from a checkpoint) with `weight`."""
+    def mix_text_encoder(self, state: dict[str, torch.Tensor], weight: float, source: str = "the checkpoint to mix") -> None:
+        """Blend in another tuned text encoder (its `text_encoder.*` tensors from a checkpoint) with `weight`;
+        `source` names the file in errors."""
+        from ralign.checkpoint_io import check_fits
+
         if self.cfg.text_encoder != "full":
             raise ValueError("mixing tuned text encoders needs model.policy.text_encoder=full (whole-encoder checkpoints)")
         module = copy.deepcopy(self.original_text_encoder)
         prefix = "text_encoder."
         tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not tensors:
-            raise ValueError("the checkpoint to mix holds no text-encoder weights")
-        missing, unexpected = module.load_state_dict(tensors, strict=False)
-        if unexpected:
-            raise ValueError(f"the checkpoint to mix does not fit this text encoder: unexpected {unexpected[:3]}")
+            raise ValueError(f"{source} holds no text-encoder weights")
+        # A whole-encoder checkpoint holds every parameter; a partial one would silently blend in the original's.
+        check_fits(tensors, {n: p.shape for n, p in module.named_parameters()}, source, complete=True, what="this text encoder")
+        module.load_state_dict(tensors, strict=False)
         self.mixed_text_encoders.append((weight, module.requires_grad_(False).eval()))
 
     # ---- identity -----------------------------------------------------------------------------------------------
@@ -243,16 +250,19 @@ class DiffusionPolicy:
                     out[f"{prefix}.{name}"] = p.detach().to("cpu", copy=True)  # travels between processes
         return out
 
-    def load_trainable_state(self, state: dict[str, torch.Tensor], version: int) -> None:
+    def load_trainable_state(self, state: dict[str, torch.Tensor], version: int, source: str | None = None,
+                             complete: bool = False) -> None:
+        """Copy trainable tensors into the policy. `source` names the file they came from (errors name it, and its
+        values must be finite); `complete` demands every trainable tensor of this policy (a checkpoint of the same
+        policy holds them all: one missing would leave that tensor at its fresh initialisation without a word)."""
+        from ralign.checkpoint_io import check_fits
+
         params = {f"unet.{n}": p for n, p in self.unet.named_parameters()}
         params.update({f"text_encoder.{n}": p for n, p in self.text_encoder.named_parameters()})
-        missing = [k for k in state if k not in params]
-        if missing:
-            raise ValueError(f"weights do not fit this policy: unknown tensors {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        expected = {k: p.shape for k, p in params.items() if k in state or (complete and p.requires_grad)}
+        check_fits(state, expected, source or "weights", complete=complete, finite=source is not None, what="this policy")
         with torch.no_grad():
             for k, v in state.items():
-                if params[k].shape != v.shape:
-                    raise ValueError(f"weights do not fit this policy: {k} has shape {tuple(v.shape)}, expected {tuple(params[k].shape)}")
                 params[k].copy_(v)
         self.version = version
 
@@ -267,34 +277,43 @@ def build_policy(spec: dict) -> DiffusionPolicy:
     pipe = tiny_random_pipeline(int(spec.get("seed", 0))) if name == "tiny-random" else load_pipeline(name)
     policy = DiffusionPolicy(pipe, PolicyConfig(**spec.get("policy", {})))
     if spec.get("init_checkpoint"):
-        from safetensors.torch import load_file
+        from ralign.checkpoint_io import read_safetensors
 
         weights = Path(spec["init_checkpoint"]).expanduser() / "trainable.safetensors"
         if not weights.is_file():
             raise FileNotFoundError(f"model.init_checkpoint: {weights} does not exist (run the stage that writes it, e.g. `ralign sft`)")
-        policy.load_trainable_state(load_file(str(weights)), version=0)
+        # Not `complete`: a later stage may train more than the stage it starts from (those tensors start fresh).
+        policy.load_trainable_state(read_safetensors(weights), version=0, source=str(weights))
     return policy.to(spec.get("device", "cpu"))
 
 
-def policy_from_checkpoint(directory: str | Path, device: str = "cpu", **policy_overrides) -> DiffusionPolicy:
+def policy_from_checkpoint(directory: str | Path, device: str = "cpu", source: str | None = None, **policy_overrides) -> DiffusionPolicy:
     """The policy a learner checkpoint holds: its base model and policy settings (learner_state.json) plus its
     trainable weights (trainable.safetensors). `policy_overrides` change inference-only settings (e.g.
-    text_encoder_weight, guidance, steps)."""
-    import json
+    text_encoder_weight, guidance, steps). `source` is how errors name the checkpoint (default: the directory; an
+    MLflow URI when `directory` is its temporary download)."""
+    import dataclasses
 
-    from safetensors.torch import load_file
+    from ralign.checkpoint_io import CheckpointError, read_json, read_safetensors
 
     directory = Path(directory)
+    label = source or str(directory)
     state_file, weights_file = directory / "learner_state.json", directory / "trainable.safetensors"
     for f in (state_file, weights_file):
         if not f.is_file():
-            raise FileNotFoundError(f"{directory} is not a ralign checkpoint: {f.name} is missing")
-    record = json.loads(state_file.read_text())
+            raise FileNotFoundError(f"{label} is not a ralign checkpoint: {f.name} is missing")
+    record = read_json(state_file, f"{label}/{state_file.name}")
     if "policy_spec" not in record:
-        raise ValueError(f"{state_file} has no policy_spec (written by an older ralign); cannot tell which model it belongs to")
+        raise ValueError(f"{label}/{state_file.name} has no policy_spec (written by an older ralign); cannot tell which model it belongs to")
     spec = record["policy_spec"]
+    if not isinstance(spec, dict) or not isinstance(spec.get("policy", {}), dict):
+        raise CheckpointError(f"{label}/{state_file.name}: policy_spec must be a mapping with a 'policy' mapping")
+    unknown = set(spec.get("policy", {})) - {f.name for f in dataclasses.fields(PolicyConfig)}
+    if unknown:
+        raise CheckpointError(f"{label}/{state_file.name}: policy_spec.policy has unknown setting(s) {sorted(unknown)}")
     # The checkpoint's trainable weights supersede the stage it started from: that stage need not be loaded, nor exist.
-    spec = {**spec, "policy": {**spec["policy"], **policy_overrides}, "device": device, "init_checkpoint": None}
+    spec = {**spec, "policy": {**spec.get("policy", {}), **policy_overrides}, "device": device, "init_checkpoint": None}
+    weights = read_safetensors(weights_file, f"{label}/{weights_file.name}")  # before the model: a bad file fails fast
     policy = build_policy(spec)
-    policy.load_trainable_state(load_file(str(weights_file)), int(record.get("version", 0)))
+    policy.load_trainable_state(weights, int(record.get("version", 0)), source=f"{label}/{weights_file.name}", complete=True)
     return policy

@@ -36,7 +36,9 @@ def build_captioner(tokenizer=None) -> tuple[BlipForConditionalGeneration, objec
 
 
 def load_captioner(path: str | Path) -> tuple[BlipForConditionalGeneration, object]:
-    model = BlipForConditionalGeneration.from_pretrained(str(path), use_safetensors=True).eval()
+    from ralign.checkpoint_io import load_pretrained
+
+    model = load_pretrained(BlipForConditionalGeneration, path)
     return model, AutoTokenizer.from_pretrained(str(path))
 
 

@@ -44,10 +44,13 @@ class GroundingDinoSamSegmenter:
                  device: str = "cpu"):
         """`detector` / `sam`: local directories or hub ids (e.g. "IDEA-Research/grounding-dino-tiny",
         "facebook/sam-vit-base"); weights are read from safetensors only."""
+        from ralign.checkpoint_io import load_pretrained
+
+        # Not strict: hub checkpoints of these models may carry tensors the transformers classes drop on load.
         self._setup(
-            GroundingDinoForObjectDetection.from_pretrained(str(detector), use_safetensors=True),
+            load_pretrained(GroundingDinoForObjectDetection, detector, strict=False),
             GroundingDinoProcessor.from_pretrained(str(detector)),
-            SamModel.from_pretrained(str(sam), use_safetensors=True),
+            load_pretrained(SamModel, sam, strict=False),
             SamProcessor.from_pretrained(str(sam)),
             box_threshold, text_threshold, device,
         )

@@ -7,21 +7,22 @@ from safetensors only. Toy model names resolve to directories shipped inside the
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors import SafetensorError
+
+from ralign.checkpoint_io import no_progress_bars
+from ralign.models import ModelLoadError
 
 TOY_MODELS_DIR = Path(__file__).resolve().parent.parent / "toy_models"
 TOY_NAMES = {
     "base": TOY_MODELS_DIR / "base",
 }
-
-
-class ModelLoadError(RuntimeError):
-    """A checkpoint that cannot be loaded, with the reason in one line."""
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -44,19 +45,49 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     path = resolve_model_path(name_or_path)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
+        with no_progress_bars():
+            pipe = StableDiffusionPipeline.from_pretrained(
             path,
-            torch_dtype=torch_dtype,
-            use_safetensors=True,  # never unpickle weights
-            safety_checker=None,
-            requires_safety_checker=False,
-            local_files_only=os.environ.get("HF_HUB_OFFLINE", "0") == "1" or Path(path).exists(),
-        )
-    except (OSError, ValueError, RuntimeError) as exc:
+                torch_dtype=torch_dtype,
+                use_safetensors=True,  # never unpickle weights
+                safety_checker=None,
+                requires_safety_checker=False,
+                local_files_only=os.environ.get("HF_HUB_OFFLINE", "0") == "1" or Path(path).exists(),
+            )
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise ModelLoadError(f"cannot load pipeline from {path}: {first}") from exc
+    if Path(path).is_dir():
+        _check_weight_files(pipe, Path(path))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+_WEIGHT_FILE = re.compile(r"^(diffusion_pytorch_model|model)(-\d+-of-\d+)?\.safetensors$")
+
+
+def _check_weight_files(pipe: StableDiffusionPipeline, root: Path) -> None:
+    """diffusers and transformers only warn about tensors a component's files lack (left at their random
+    initialisation) or hold in excess (ignored): a damaged or mismatched model would load and generate noise.
+    Compare each component's parameters with the tensor names in its safetensors headers (no tensor data read).
+    Only local directories are checked; weights in a legacy layout that diffusers renames on load would be refused
+    here and need converting first."""
+    from safetensors import safe_open
+
+    for name in ("unet", "vae", "text_encoder"):
+        files = sorted(f for f in (root / name).glob("*.safetensors") if _WEIGHT_FILE.match(f.name))
+        if not files:
+            continue
+        in_files: set[str] = set()
+        for f in files:
+            with safe_open(str(f), "pt") as handle:
+                in_files.update(handle.keys())
+        expected = set(getattr(pipe, name).state_dict())
+        where = files[0] if len(files) == 1 else root / name
+        for problem, keys in (("missing", expected - in_files), ("not part of the model", in_files - expected)):
+            if keys:
+                shown = ", ".join(repr(k) for k in sorted(keys)[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+                raise ModelLoadError(f"{where}: tensor(s) {shown} {problem} (a damaged file, or weights of another model)")
 
 
 @torch.no_grad()

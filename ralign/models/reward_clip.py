@@ -16,7 +16,7 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from ralign.models.tokenizer import build_word_tokenizer
@@ -53,12 +53,15 @@ def load_reward_clip(path: str | Path) -> tuple[open_clip.CLIP, object]:
     path = Path(path)
     if not (path / "open_clip_config.json").is_file():
         raise FileNotFoundError(f"{path}: no open_clip_config.json (not a reward CLIP directory)")
-    config = json.loads((path / "open_clip_config.json").read_text())
-    model = open_clip.CLIP(**config)
+    from ralign.checkpoint_io import CheckpointError, check_fits, read_json, read_safetensors
+
+    config = read_json(path / "open_clip_config.json")
     try:
-        state = load_file(str(path / WEIGHTS))
-    except Exception as exc:  # safetensors raises its own error types for truncated / corrupt files
-        raise ValueError(f"{path / WEIGHTS}: cannot read weights ({exc})") from None
+        model = open_clip.CLIP(**config)
+    except TypeError as exc:
+        raise CheckpointError(f"{path / 'open_clip_config.json'}: not an open_clip CLIP config ({exc})") from None
+    state = read_safetensors(path / WEIGHTS)
+    check_fits(state, {k: v.shape for k, v in model.state_dict().items()}, str(path / WEIGHTS), complete=True)
     model.load_state_dict(state, strict=True)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))

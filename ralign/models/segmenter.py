@@ -38,7 +38,9 @@ def build_segmenter(tokenizer=None) -> tuple[CLIPSegForImageSegmentation, object
 
 
 def load_segmenter(path: str | Path) -> tuple[CLIPSegForImageSegmentation, object]:
-    model = CLIPSegForImageSegmentation.from_pretrained(str(path), use_safetensors=True).eval()
+    from ralign.checkpoint_io import load_pretrained
+
+    model = load_pretrained(CLIPSegForImageSegmentation, path)
     return model, AutoTokenizer.from_pretrained(str(path))
 
 

@@ -267,7 +267,7 @@ def pretrain_t2i(out_dir: str | Path, cfg: T2IPretrainConfig) -> dict:
     # Each finished stage is saved at once and reused by a re-run into the same directory, so a crash in a later
     # stage does not cost the earlier ones.
     if _finished_stage(out_dir / "text_clip", cfg):
-        clip = CLIPModel.from_pretrained(out_dir / "text_clip").eval()
+        clip = CLIPModel.from_pretrained(out_dir / "text_clip", use_safetensors=True).eval()
         clip_metrics = _finished_stage(out_dir / "text_clip", cfg)
         log.info("text clip: reusing %s", out_dir / "text_clip")
     else:
@@ -277,7 +277,7 @@ def pretrain_t2i(out_dir: str | Path, cfg: T2IPretrainConfig) -> dict:
         tokenizer.save_pretrained(out_dir / "text_clip")
         _mark_stage(out_dir / "text_clip", cfg, clip_metrics)
     if _finished_stage(out_dir / "vae", cfg):
-        vae = AutoencoderKL.from_pretrained(out_dir / "vae").eval()
+        vae = AutoencoderKL.from_pretrained(out_dir / "vae", use_safetensors=True).eval()
         vae_metrics = _finished_stage(out_dir / "vae", cfg)
         log.info("vae: reusing %s", out_dir / "vae")
     else:

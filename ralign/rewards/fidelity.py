@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ralign.distributed import active_dist
@@ -120,14 +120,35 @@ class FidelityDiscriminator:
         save_file(tensors, str(Path(directory) / STATE_FILE), metadata={"updates": str(self.updates)})
 
     def load_state(self, directory: str | Path) -> None:
-        with safe_open(str(Path(directory) / STATE_FILE), "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            self.updates = int(f.metadata().get("updates", 0))
+        from ralign.checkpoint_io import CheckpointError, check_fits
+
+        path = Path(directory) / STATE_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (the checkpoint holds no discriminator state)")
+        try:
+            with safe_open(str(path), "pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                updates = (f.metadata() or {}).get("updates", "0")
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path}: cannot read weights: truncated or not a safetensors file ({str(exc).splitlines()[0]})") from None
         params = self.model.trainable()
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(tensors[f"param.{n}"])
+        weights = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
+        check_fits(weights, {n: p.shape for n, p in params.items()}, str(path), complete=True, what="the discriminator")
+        if not updates.isdigit():
+            raise CheckpointError(f"{path}: metadata 'updates' is {updates!r}, not a count")
+        moments = []
         for i, p in enumerate(self.optimizer.param_groups[0]["params"]):
             state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"adam.{i}.")}
+            for moment in ("exp_avg", "exp_avg_sq"):
+                if moment in state and state[moment].shape != p.shape:
+                    raise CheckpointError(f"{path}: tensor 'adam.{i}.{moment}' has shape {tuple(state[moment].shape)}, "
+                                          f"the discriminator expects {tuple(p.shape)}")
+            moments.append((p, state))
+        # Everything checked: only now does the loaded state replace the current one.
+        self.updates = int(updates)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(weights[n])
+        for p, state in moments:
             if state:
                 self.optimizer.state[p] = state
