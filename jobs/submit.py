@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ralign.config import ConfigError, load_config
+from ralign.config import ConfigError, load_config, refuse_credentials
 from ralign.train_config import TrainConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +88,9 @@ def submit(address: str, config: str | Path, overrides: list[str] | None = None,
            job_id: str | None = None, agent_wait_s: float = 120.0) -> str:
     """Validate, submit, return the job id."""
     overrides = list(overrides or [])
+    if tracking_uri is not None:
+        # It would be part of the job's entrypoint, which the Ray dashboard and `ralign status` show to anyone.
+        refuse_credentials(tracking_uri, "--tracking-uri")
     cfg = load_config(TrainConfig, config, overrides)  # one-line ConfigError on any problem
     if tracking_uri is None and cfg.tracking.tracking_uri.startswith(("http://", "https://", "databricks")):
         tracking_uri = cfg.tracking.tracking_uri

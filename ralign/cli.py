@@ -145,23 +145,37 @@ def generate_command(
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (default: the checkpoint's).")] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help="DDIM steps (default: the checkpoint's).")] = None,
+    truncate: Annotated[bool, typer.Option(help="Generate from prompts longer than the text encoding reads, cutting off the rest (default: refuse them).")] = False,
 ) -> None:
     """Generate images with the base model or a trained checkpoint, optionally interpolating text encoders."""
+    from ralign.prompt_input import check_prompt, check_token_budget, describe_lines, read_prompt_file
+
+    # Every prompt is checked before a model is loaded or a file written (ralign/prompt_input.py).
+    sources = [check_prompt(p, f"--prompt {i}") for i, p in enumerate(prompt or [], 1)]
+    if prompts_file is not None:
+        from_file, blank = read_prompt_file(prompts_file)
+        sources += from_file
+        if blank:
+            typer.echo(f"note: {prompts_file}: skipped {len(blank)} blank line(s): {describe_lines(blank)}", err=True)
+    if not sources:
+        raise UserError("no prompts: give --prompt or --prompts-file")
+    mixes = []
+    for item in mix or []:
+        path, sep, weight = item.rpartition("=")
+        if not sep or not path:
+            raise UserError(f"--mix {item!r}: expected CHECKPOINT_DIR=WEIGHT")
+        try:
+            mixes.append((path, float(weight)))
+        except ValueError:
+            raise UserError(f"--mix {item!r}: the weight {weight!r} is not a number") from None
     _setup_logging()
     from PIL import Image
-    from safetensors.torch import load_file
 
+    from ralign.checkpoint_io import read_safetensors
     from ralign.evaluation import write_grid
     from ralign.policy import DiffusionPolicy, PolicyConfig, policy_from_checkpoint
 
-    prompts = list(prompt or [])
-    if prompts_file is not None:
-        try:
-            prompts += [line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{prompts_file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    if not prompts:
-        raise UserError("no prompts: give --prompt or --prompts-file")
+    prompts = [p.text for p in sources]
     overrides = {k: v for k, v in (("guidance", guidance), ("steps", steps)) if v is not None}
     if checkpoint is None:
         if text_encoder_weight != 1.0 or mix:
@@ -173,21 +187,23 @@ def generate_command(
         from ralign.model_registry import local_checkpoint
 
         with local_checkpoint(checkpoint, tracking_uri) as local:  # an MLflow URI is downloaded to a temporary dir
-            policy = policy_from_checkpoint(local, text_encoder_weight=text_encoder_weight, **overrides)
+            policy = policy_from_checkpoint(local, source=checkpoint, text_encoder_weight=text_encoder_weight, **overrides)
         if text_encoder_weight != 1.0 and policy.cfg.text_encoder == "frozen":
             raise UserError(f"{checkpoint} has no tuned text encoder to interpolate (its policy has text_encoder=frozen)")
-        for item in mix or []:
-            path, sep, weight = item.rpartition("=")
-            if not sep:
-                raise UserError(f"--mix {item!r}: expected CHECKPOINT_DIR=WEIGHT")
+        for path, weight in mixes:
             with local_checkpoint(path, tracking_uri) as mixed:
-                policy.mix_text_encoder(load_file(str(mixed / "trainable.safetensors")), float(weight))
+                label = f"{path}/trainable.safetensors"
+                policy.mix_text_encoder(read_safetensors(mixed / "trainable.safetensors", label), weight, source=label)
+    for note in check_token_budget(sources, policy.prompt_overflow, allow_truncation=truncate):
+        typer.echo(f"note: {note}; generating from what fits (--truncate)", err=True)
     images = policy.generate_images(prompts, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
         Image.fromarray(img).save(out / f"{i:04d}.png")
     write_grid(out / "grid.png", prompts, images, max_images=64, judge=False)
-    typer.echo(f"wrote {len(images)} images and grid.png to {out}")
+    # One prompt per line, in image order; the checks above guarantee no prompt holds a line break.
+    (out / "prompts.txt").write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
+    typer.echo(f"wrote {len(images)} images, grid.png and prompts.txt to {out}")
 
 
 @app.command("sft")
@@ -216,6 +232,10 @@ def compare_command(
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: each config's).")] = None,
 ) -> None:
     """Train (or reuse) every seed method and baseline, and write one table of oracle metrics on held-out prompts."""
+    if tracking_uri is not None:
+        from ralign.config import refuse_credentials
+
+        refuse_credentials(tracking_uri, "--tracking-uri")
     _setup_logging()
     from jobs.compare import compare, markdown_table
 
@@ -234,9 +254,12 @@ def train_command(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the run summary JSON here.")] = None,
 ) -> None:
     """Fine-tune a diffusion model with RL on a Ray cluster (a local one by default), tracked in MLflow."""
+    from ralign.config import load_config, refuse_credentials
+
+    if tracking_uri is not None:
+        refuse_credentials(tracking_uri, "--tracking-uri")  # the job logs the URI it writes to
     _setup_logging()
     from jobs.train import TrainingFailed, train
-    from ralign.config import load_config
     from ralign.train_config import TrainConfig
 
     # A resumed run uses the config it was started with (logged in MLflow); --set still applies on top of it.
@@ -504,7 +527,9 @@ def report_cmd(
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the toy world never needs the network; real runs may unset it
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from ralign.models.pipeline import ModelLoadError
+    # A progress bar per downloaded checkpoint file would bury a command's one-line answer.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from ralign.models import ModelLoadError
 
     try:
         app()

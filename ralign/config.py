@@ -33,6 +33,15 @@ def redact_credentials(text: str) -> str:
     return _USERINFO.sub(r"\1***@", text)
 
 
+def refuse_credentials(uri: str, where: str) -> str:
+    """`uri` unchanged, or a ConfigError if it carries a `user:password@` or `token@` part: whatever takes it may log
+    it, record it in MLflow or put it on a Ray job's command line. The message never repeats the credential."""
+    if _USERINFO.search(uri):
+        raise ConfigError(f"{where} {redact_credentials(uri)}: holds credentials; set MLFLOW_TRACKING_USERNAME / "
+                          "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead")
+    return uri
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     parts = []
     for e in err.errors():
