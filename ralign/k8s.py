@@ -39,8 +39,9 @@ plain jsonschema (`x-kubernetes-int-or-string` mapped, unknown fields rejected w
 properties; CEL rules are not evaluated), core kinds with `kubernetes-validate` (strict, Kubernetes 1.30), and the
 project's own rules: the entrypoint is `python -m jobs.train --config <a repo config> ...` and that config (with its
 --set overrides) loads as a TrainConfig; serveConfigV2 passes Ray's `ServeDeploySchema` and every application's args
-round-trip through the ServeConfig models; every container has CPU and memory requests and limits and runs as
-non-root without privilege escalation; no Service is LoadBalancer or NodePort and no ingress is enabled; the MLflow
+round-trip through the ServeConfig models; every container has CPU and memory requests and limits and runs as a
+named non-root uid without privilege escalation, with all capabilities dropped and the runtime's default seccomp
+profile; no Service is LoadBalancer or NodePort, no container has a hostPort and no ingress is enabled; the MLflow
 tracking URI comes from a ConfigMap/Secret reference and no env value or ConfigMap holds a credential; no Secret with
 values is part of the tree.
 
@@ -689,6 +690,9 @@ def _check_container(c: dict, pod_sc: dict, where: str, problems: list[str]) -> 
         if missing:
             problems.append(f"{where}.resources.{section}: missing {', '.join(missing)} (every container needs requests and limits)")
     _check_security(c.get("securityContext") or {}, pod_sc, where, problems)
+    for i, port in enumerate(c.get("ports") or []):
+        if "hostPort" in port:
+            problems.append(f"{where}.ports[{i}].hostPort: exposes the port on the node, outside the cluster's Services")
     for i, e in enumerate(c.get("env") or []):
         _check_env(e, f"{where}.env[{i}]", problems)
 
@@ -700,10 +704,21 @@ def _check_security(sc: dict, pod_sc: dict, where: str, problems: list[str]) -> 
         problems.append(f"{where}.securityContext.runAsNonRoot: must be true (here or in the pod's securityContext)")
     if user == 0:
         problems.append(f"{where}.securityContext.runAsUser: 0 is root")
+    elif user is None:
+        problems.append(f"{where}.securityContext.runAsUser: not set here or in the pod's securityContext (name the image's non-root uid)")
     if sc.get("allowPrivilegeEscalation") is not False:
         problems.append(f"{where}.securityContext.allowPrivilegeEscalation: must be false")
     if sc.get("privileged"):
         problems.append(f"{where}.securityContext.privileged: must not be true")
+    caps = sc.get("capabilities") or {}
+    if "ALL" not in (caps.get("drop") or []):
+        problems.append(f"{where}.securityContext.capabilities.drop: must include ALL")
+    if caps.get("add"):
+        problems.append(f"{where}.securityContext.capabilities.add: must be empty, got {caps['add']}")
+    profile = (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type")
+    if profile not in ("RuntimeDefault", "Localhost"):
+        problems.append(f"{where}.securityContext.seccompProfile.type: {profile or 'unset'}; use RuntimeDefault "
+                        "(here or in the pod's securityContext)")
 
 
 def _check_env(e: dict, where: str, problems: list[str]) -> None:
