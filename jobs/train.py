@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from ralign.config import ConfigError, dump_config, load_config, parse_config
+from ralign.config import ConfigError, dump_config, load_config, parse_config, redact_credentials, refuse_credentials
 from ralign.train_config import TrainConfig
 
 log = logging.getLogger("ralign.train")
@@ -40,10 +40,16 @@ def absolute_tracking_uri(uri: str) -> str:
 
 
 def flat_params(data: dict, prefix: str = "") -> dict[str, str]:
+    """The config as MLflow params. Free-form sections (`reward.options`, `deepspeed.extra`) could hold a key named
+    like a credential: its value is never recorded."""
+    from ralign.k8s import CREDENTIAL_NAME
+
     out = {}
     for k, v in data.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
+        if CREDENTIAL_NAME.search(str(k)) and v not in (None, "", {}):
+            out[key] = "***"
+        elif isinstance(v, dict) and v:
             out.update(flat_params(v, key + "."))
         else:
             out[key] = json.dumps(v) if not isinstance(v, str) else v
@@ -183,7 +189,7 @@ def train(cfg: TrainConfig | None, resume: str | None = None, tracking_uri: str 
     configure_environment()  # before Ray starts, so every worker inherits the op cache location
     uri = absolute_tracking_uri(tracking_uri or (cfg.tracking.tracking_uri if cfg else TrainConfig().tracking.tracking_uri))
     client, run_id, cfg, ray_name, storage = _open_run(cfg, resume, uri, overrides)
-    log.info("MLflow run %s at %s", run_id, uri)
+    log.info("MLflow run %s at %s", run_id, redact_credentials(uri))
     _init_ray(cfg)
     coordinator = RolloutCoordinator.remote(cfg.model_dump(mode="json"))
     ray.get(coordinator.ready.remote())
@@ -252,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.tracking_uri is not None:
+            refuse_credentials(args.tracking_uri, "--tracking-uri")  # it would be logged and shown with the job
         cfg = None if args.resume else load_config(TrainConfig, args.config, args.overrides)
         summary = train(cfg, resume=args.resume, tracking_uri=args.tracking_uri, overrides=args.overrides)
     except ConfigError as exc:

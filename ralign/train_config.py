@@ -9,7 +9,6 @@ are rejected here with one line naming the keys, not discovered an hour into a r
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -174,10 +173,13 @@ class TrackingSection(StrictModel):
     @field_validator("tracking_uri")
     @classmethod
     def _no_credentials(cls, uri: str) -> str:
-        # The config is logged as run params and config.yaml: a password in the URI would be stored with every run.
-        if re.match(r"^[a-z][a-z0-9+.-]*://[^/@]*:[^/@]*@", uri, re.IGNORECASE):
-            raise ValueError("holds credentials (user:password@); set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
-                             "(or MLFLOW_TRACKING_TOKEN) in the environment instead")
+        # The config is logged as run params and config.yaml: a password or token in the URI would be stored with
+        # every run. One rule for what counts as credentials: the one that redacts them.
+        from ralign.config import redact_credentials
+
+        if redact_credentials(uri) != uri:
+            raise ValueError("holds credentials (user:password@ or token@); set MLFLOW_TRACKING_USERNAME / "
+                             "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead")
         return uri
 
 

@@ -66,10 +66,8 @@ def test_a_password_in_the_config_uri_is_refused_and_not_repeated(uri):
     assert "MLFLOW_TRACKING_PASSWORD" in str(err.value) and "pw-0f9c7d1e5b" not in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="TrackingSection (ralign/train_config.py, not changed here) refuses user:password@ "
-                                       "but accepts a token-only user part, which then becomes the tracking.tracking_uri param")
 def test_a_token_in_the_config_uri_is_refused():
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="holds credentials"):
         parse_config(TrainConfig, {"tracking": {"tracking_uri": "https://tok-77ab12cd90@mlflow.example"}})
 
 
@@ -77,3 +75,13 @@ def test_redaction_covers_every_userinfo_form():
     for uri in ("https://u:p@h", "https://tok@h/x", "HTTP://u:p@h", "databricks://tok@workspace"):
         assert redact_credentials(f"see {uri} now").count("***@") == 1
     assert redact_credentials("sqlite:////mnt/a@b/mlflow.db") == "sqlite:////mnt/a@b/mlflow.db"  # a path, not userinfo
+
+
+def test_credential_named_options_are_not_recorded_as_params():
+    from jobs.train import flat_params
+
+    params = flat_params({"reward": {"name": "caption", "options": {"api_key": "sk-0f9c7d1e5b", "weight": 0.5,
+                                                                   "inner": {"hf_token": "hf_0f9c7d1e5b"}}}})
+    assert params["reward.options.api_key"] == "***" and params["reward.options.inner.hf_token"] == "***"
+    assert params["reward.options.weight"] == "0.5" and params["reward.name"] == "caption"
+    assert not any("0f9c7d1e5b" in v for v in params.values())
