@@ -21,7 +21,6 @@ from ralign.train_config import TrainConfig
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What never goes to the cluster: environments, outputs, VCS data, caches (Ray refuses working dirs over its limit).
 EXCLUDES = [".venv", ".git", "runs", "mlruns", "outputs", "**/__pycache__", ".pytest_cache", "*.db", "benchmarks/results/compare_montages"]
-FORWARDED_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "HF_TOKEN")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -84,9 +83,24 @@ def connect(address: str, runtime_env: dict | None = None) -> None:
         raise ConfigError(f"cannot connect to the Ray cluster at {address}: {str(exc).splitlines()[0]}{hint}") from None
 
 
+def job_runtime_env(forward_env: list[str] | None = None) -> dict:
+    """The job's runtime env: the project as working_dir, fixed settings, and only the variables named."""
+    # RAY_OVERRIDE_JOB_RUNTIME_ENV: the training driver adds its own env vars (DeepSpeed op cache, ...) to its
+    # workers; without it Ray refuses any key the job's runtime env also sets instead of combining the two.
+    env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+           "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
+    for name in forward_env or []:
+        if not os.environ.get(name):
+            raise ConfigError(f"--forward-env {name}: not set in this environment")
+        env[name] = os.environ[name]
+    return {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env}
+
+
 def submit(address: str, config: str | Path, overrides: list[str] | None = None, tracking_uri: str | None = None,
-           job_id: str | None = None, agent_wait_s: float = 120.0) -> str:
-    """Validate, submit, return the job id."""
+           job_id: str | None = None, agent_wait_s: float = 120.0, forward_env: list[str] | None = None) -> str:
+    """Validate, submit, return the job id. `forward_env` names variables of this shell to give the job: nothing is
+    forwarded unless named, because Ray keeps a job's environment in its job info, which anyone who can reach the
+    dashboard or the job API can read (on a shared cluster, credentials belong to the cluster: a Kubernetes Secret)."""
     overrides = list(overrides or [])
     if tracking_uri is not None:
         # It would be part of the job's entrypoint, which the Ray dashboard and `ralign status` show to anyone.
@@ -94,12 +108,7 @@ def submit(address: str, config: str | Path, overrides: list[str] | None = None,
     cfg = load_config(TrainConfig, config, overrides)  # one-line ConfigError on any problem
     if tracking_uri is None and cfg.tracking.tracking_uri.startswith(("http://", "https://", "databricks")):
         tracking_uri = cfg.tracking.tracking_uri
-    # RAY_OVERRIDE_JOB_RUNTIME_ENV: the training driver adds its own env vars (DeepSpeed op cache, ...) to its
-    # workers; without it Ray refuses any key the job's runtime env also sets instead of combining the two.
-    env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
-           "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
-    env.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
-    runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env}
+    runtime_env = job_runtime_env(forward_env)
     client = _client(address)
     deadline = time.monotonic() + agent_wait_s
     while True:

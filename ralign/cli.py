@@ -461,12 +461,17 @@ def submit_cmd(
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI as the cluster sees it.")] = None,
     follow: Annotated[bool, typer.Option(help="Stream the job's logs until it ends; exit 1 if it fails.")] = True,
     job_id: Annotated[Optional[str], typer.Option(help="Submission id (default: generated).")] = None,
+    forward_env: Annotated[Optional[list[str]], typer.Option("--forward-env", help="Give the job this variable of your environment, e.g. MLFLOW_TRACKING_TOKEN (repeatable). Ray shows a job's environment in its job info.")] = None,
 ) -> None:
     """Submit a training run as a Ray job (the project ships as its working_dir); prints the job id."""
     from jobs.submit import follow as follow_logs
     from jobs.submit import submit
 
-    jid = submit(address, config, set_ or [], tracking_uri, job_id)
+    if forward_env:
+        typer.echo(f"note: forwarding {', '.join(forward_env)}: Ray keeps a job's environment in its job info, readable "
+                   "from the dashboard and job API; on a shared cluster give credentials to the cluster instead "
+                   "(a Kubernetes Secret, see k8s/)", err=True)
+    jid = submit(address, config, set_ or [], tracking_uri, job_id, forward_env=forward_env or [])
     typer.echo(f"job id: {jid}", err=True)
     if follow:
         state = follow_logs(address, jid)

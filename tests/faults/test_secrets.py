@@ -85,3 +85,15 @@ def test_credential_named_options_are_not_recorded_as_params():
     assert params["reward.options.api_key"] == "***" and params["reward.options.inner.hf_token"] == "***"
     assert params["reward.options.weight"] == "0.5" and params["reward.name"] == "caption"
     assert not any("0f9c7d1e5b" in v for v in params.values())
+
+
+def test_a_submitted_job_gets_no_secret_of_the_shell_unless_named(monkeypatch):
+    from jobs.submit import job_runtime_env
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw-0f9c7d1e5b")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-0f9c7d1e5b")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert "0f9c7d1e5b" not in repr(job_runtime_env())  # Ray would show it in the job's info
+    assert job_runtime_env(["MLFLOW_TRACKING_TOKEN"])["env_vars"]["MLFLOW_TRACKING_TOKEN"] == "tok-0f9c7d1e5b"
+    with pytest.raises(ConfigError, match="--forward-env HF_TOKEN: not set"):
+        job_runtime_env(["HF_TOKEN"])
