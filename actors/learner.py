@@ -92,7 +92,7 @@ def to_learner_batch(data: dict) -> LearnerBatch:
             scores=torch.from_numpy(np.ascontiguousarray(data["scores"])),
         )
     return LearnerBatch(
-        prompts=data["prompts"], seeds=data["seeds"], versions=data["versions"],
+        prompts=data["prompts"], seeds=data["seeds"], versions=data["versions"], ids=list(data["ids"]),
         start_latents=torch.from_numpy(np.ascontiguousarray(data["latents"])),
         plans=[(int(s), list(g), int(n)) for s, g, n in data["plans"]],
     )
@@ -210,6 +210,9 @@ def train_loop_per_worker(config: dict) -> None:
                     stats[f"reward/{key}"] = float(np.mean(values))
             logger.metrics(stats, step=step)
             log_quarantine(ray.get(coordinator.quarantine_records.remote()), logger)
+        quarantined_in_update = learner.take_quarantined()  # every rank takes part (a gather)
+        if rank == 0:
+            log_quarantine(quarantined_in_update, logger)
             if cfg.tracking.log_images_every and data.get("images") is not None and step % cfg.tracking.log_images_every == 0:
                 with tempfile.TemporaryDirectory() as tmp:
                     _save_batch_grid(data, Path(tmp) / f"rollouts_{step:04d}.png")

@@ -60,6 +60,7 @@ class LearnerBatch:
     # one plan per consecutive chunk of samples: (start_step, gradient steps, chunk size); ReFL's gradient steps
     # are [k], direct backprop's the gradient-carrying steps
     plans: list[tuple[int, list[int], int]] = field(default_factory=list)
+    ids: list[int] | None = None  # the pipeline's sample ids (quarantine records name them)
 
 
 def dpok_config(cfg: TrainConfig) -> DPOKConfig:
@@ -143,11 +144,17 @@ def _ensure_process_group() -> None:
     import deepspeed
 
     if active_dist() is None:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
+        # Settings a launcher gave are kept; ones an in-process group of a parent process wrote (a child inherits
+        # its environment) are not: the parent still listens on that port (EADDRINUSE in the child).
+        inherited = os.environ.get("RALIGN_PROCESS_GROUP_OWNER") not in (None, str(os.getpid()))
+        if inherited or "MASTER_PORT" not in os.environ:
+            import socket
+
+            with socket.socket() as probe:  # a free port now; the group binds it a moment later
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                              RALIGN_PROCESS_GROUP_OWNER=str(os.getpid()))
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
 
 
@@ -175,6 +182,7 @@ class Learner:
         self.bad_rewards = 0
         self.seen_rewards = 0
         self._stage0_grad_norm = 0.0
+        self.quarantined: list[dict] = []  # samples left out of an update for a non-finite reward, not yet logged
 
     def _param_groups(self) -> list[dict]:
         """One optimiser group, or two when a trainable text encoder has its own rate (TextCraftor + UNet: a whole
@@ -239,6 +247,11 @@ class Learner:
         stats["staleness"] = float(np.mean([self.policy.version - 1 - v for v in batch.versions])) if batch.versions else 0.0
         return stats
 
+    def take_quarantined(self) -> list[dict]:
+        """Every worker's quarantined samples since the last call (a collective: call it on every rank)."""
+        mine, self.quarantined = self.quarantined, []
+        return [r for records in self._gather(mine) for r in records]
+
     def _check_bad_rewards(self, bad: int, total: int) -> None:
         self.bad_rewards += bad
         self.seen_rewards += total
@@ -294,14 +307,22 @@ class Learner:
                 else:
                     x_start = initial_noise(self.policy.latent_shape(), seeds, device=self.policy.device)
                 before = self._backwards
+                found: list[dict] = []
                 if name == "refl":
                     k = grad_steps[0]
                     if start_step < k:  # the learner runs the prefix itself (algorithm.prefix_on_samplers=false)
                         x_start = _continue_prefix(self.policy, prompts, seeds, start_step, k)
-                    s = refl_update(self.policy, prompts, x_start, k, self.reward, refl_config(self.cfg), backward=self._backward)
+                    s = refl_update(self.policy, prompts, x_start, k, self.reward, refl_config(self.cfg), backward=self._backward,
+                                    quarantine=found)
                 else:
                     s = backprop_update(self.policy, prompts, seeds, self.reward, backprop_config(self.cfg), backward=self._backward,
-                                        start_latents=x_start, start_step=start_step, grad_steps=grad_steps, generator=self.generator)
+                                        start_latents=x_start, start_step=start_step, grad_steps=grad_steps, generator=self.generator,
+                                        quarantine=found)
+                for record in found:
+                    i = sl.start + record.pop("index")
+                    record.update(id=batch.ids[i] if batch.ids else None, seed=batch.seeds[i], version=self.policy.version,
+                                  iteration=self.iteration + 1)
+                self.quarantined += found
                 bad += int(s.pop("quarantined", 0))
                 if self._backwards == before:
                     continue  # every sample of this micro-batch was quarantined: nothing to average in

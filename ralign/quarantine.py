@@ -26,7 +26,10 @@ def write_quarantine(records: list[dict], directory: str | Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for record in records:
-        stem = f"sample_{int(record['id']):09d}"
+        # Pipeline samples are named by their id; a learner's (its reward scored inside the update) by iteration
+        # and seed when it was given no id.
+        stem = (f"sample_{int(record['id']):09d}" if record.get("id") is not None
+                else f"learner_it{int(record.get('iteration', 0)):06d}_seed{int(record.get('seed', 0))}")
         data = {k: v for k, v in record.items() if k != "image"}
         data["score"] = _json_number(data.get("score"))
         data["components"] = {k: _json_number(v) for k, v in data.get("components", {}).items()}

@@ -124,6 +124,11 @@ def test_nan_rewards_are_quarantined_and_too_many_stop_the_run():
     learner = make_learner(cfg, HalfNaN())
     stats = learner.update(LearnerBatch(PROMPTS, SEEDS, [0] * 4))
     assert stats["quarantined"] == 2 and learner.engine.global_steps == 1
+    # The two left out are described for the run's quarantine artefacts: prompt, seed, values, the image scored.
+    records = learner.take_quarantined()
+    assert len(records) == 2 and {r["prompt"] for r in records} <= set(PROMPTS) and learner.take_quarantined() == []
+    assert all(r["seed"] in SEEDS and r["iteration"] == 1 and r["image"].dtype.name == "uint8" and r["image"].shape[-1] == 3
+               and r["score"] != r["score"] for r in records)  # NaN
     strict = make_learner(make_cfg(algorithm__name="draft", train__max_bad_reward_fraction=0.1), AllNaN())
     with pytest.raises(BadRewardsError, match="NaN/inf"):
         strict.update(LearnerBatch(PROMPTS, SEEDS, [0] * 4))

@@ -332,6 +332,10 @@ def run(config: str | Path, iterations: int, overrides: list[str] | None = None,
         "ratio_iteration_vs_bound": iter_mean / bound,
         "ratio_bound_vs_sequential": bound / in_proc["sequential_iteration_s"],
         "pipeline_learn_s": statistics.mean(learn_s),
+        # The same comparison inside the one pipeline run: iteration time over the learner's own update time in it.
+        # Immune to the machine's speed drifting between the in-process phase and the pipeline phase (on this
+        # shared VM, single-thread speed changed by up to 1.5x between runs minutes apart).
+        "ratio_iteration_vs_learn_in_pipeline": iter_mean / statistics.mean(learn_s),
         "sequential_iteration_s": in_proc["sequential_iteration_s"],
         "pipeline_iteration_s": iter_mean,
         "ratio_pipeline_vs_sequential": in_proc["sequential_iteration_s"] / iter_mean,

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ralign.attention_capture import AttentionStore
 from ralign.policy import DiffusionPolicy, step_generator
-from ralign.rewards.base import Reward, finite_mask
+from ralign.rewards.base import Reward, finite_mask, quarantine_records
 from ralign.sampler import ddim_step_with_logprob, decode_latents, guided_noise, initial_noise
 from ralign.text_parsing import token_offsets
 
@@ -123,8 +123,10 @@ def backprop_update(
     start_step: int = 0,
     grad_steps: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    quarantine: list | None = None,
 ) -> dict[str, float]:
-    """Loss = -mean reward of the decoded final images; backward through the chosen steps (the caller steps)."""
+    """Loss = -mean reward of the decoded final images; backward through the chosen steps (the caller steps).
+    Samples whose reward is not finite are left out of the loss (and described in `quarantine`, when given)."""
     if grad_steps is None:
         grad_steps = gradient_steps(policy.cfg.steps, cfg, generator)
     if start_latents is None:
@@ -148,6 +150,8 @@ def backprop_update(
         stats.update(reward.adversarial_update(frozen_model_latents(policy, prompts, seeds), x0.detach()))
     out = reward(images, prompts, **inputs)
     ok = finite_mask(out)
+    if quarantine is not None and not ok.all():
+        quarantine.extend(quarantine_records(out, ok, prompts, images))
     if not ok.any():
         return {"loss": float("nan"), "reward": float("nan"), "quarantined": float((~ok).sum())}
     loss = -out.score[ok].mean() * cfg.loss_scale

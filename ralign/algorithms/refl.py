@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ralign.policy import DiffusionPolicy
-from ralign.rewards.base import Reward, finite_mask
+from ralign.rewards.base import Reward, finite_mask, quarantine_records
 from ralign.sampler import decode_latents
 
 
@@ -51,8 +51,10 @@ def refl_update(
     reward: Reward,
     cfg: ReFLConfig,
     backward: Callable[[torch.Tensor], None] = lambda loss: loss.backward(),
+    quarantine: list | None = None,
 ) -> dict[str, float]:
-    """One gradient step from x_{t_k} to predicted x_0, reward, ReFL loss; returns stats (the caller steps)."""
+    """One gradient step from x_{t_k} to predicted x_0, reward, ReFL loss; returns stats (the caller steps).
+    Samples whose reward is not finite are left out of the loss (and described in `quarantine`, when given)."""
     policy.scheduler.set_timesteps(policy.cfg.steps)
     t = int(policy.scheduler.timesteps[step_k])
     cond, uncond = policy.encode(prompts)
@@ -62,6 +64,8 @@ def refl_update(
     images = decode_latents(policy.vae, pred_x0)
     out = reward(images, prompts)
     ok = finite_mask(out)
+    if quarantine is not None and not ok.all():
+        quarantine.extend(quarantine_records(out, ok, prompts, images))
     if not ok.any():
         return {"loss": float("nan"), "reward": float("nan"), "quarantined": float((~ok).sum())}
     loss = refl_loss(out.score[ok], cfg.lam, cfg.scale)

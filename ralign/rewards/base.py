@@ -41,6 +41,17 @@ class Reward(Protocol):
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **inputs) -> RewardOutput: ...
 
 
+def quarantine_records(output: RewardOutput, ok: torch.Tensor, prompts, images: torch.Tensor) -> list[dict]:
+    """The samples `ok` leaves out, as records for the run's quarantine artefacts: prompt, what the reward returned,
+    and the image it was given (uint8, H x W x 3)."""
+    records = []
+    for k in torch.nonzero(~ok).flatten().tolist():
+        image = (images[k].detach().permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        records.append({"index": k, "prompt": prompts[k], "reason": "non-finite reward", "score": float(output.score[k]),
+                        "components": {c: float(v[k]) for c, v in output.components.items()}, "image": image})
+    return records
+
+
 def finite_mask(output: RewardOutput) -> torch.Tensor:
     """(B,) True where the score and every component are finite; the rest are quarantined, never trained on."""
     ok = torch.isfinite(output.score)
