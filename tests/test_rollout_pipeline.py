@@ -7,19 +7,7 @@ import pytest
 
 from actors.rollout import PipelineConfig, RewardActor, RolloutPipeline, SamplerActor
 
-SPEC = {"pipeline": "tiny-random", "policy": {"unet_lora_rank": 2, "steps": 2}}
-PROMPTS = ["a red circle", "two blue squares", "a green triangle above a yellow circle"]
-
-
-class PromptCycle:
-    def __init__(self):
-        self.i = 0
-
-    def __call__(self, n):
-        prompts = [PROMPTS[(self.i + k) % len(PROMPTS)] for k in range(n)]
-        seeds = list(range(self.i, self.i + n))
-        self.i += n
-        return prompts, seeds
+from rollout_prompts import SPEC, PromptCycle  # tests/ is on the path (rootdir conftest)
 
 
 @pytest.fixture(scope="module")

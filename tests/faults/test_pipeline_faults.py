@@ -18,19 +18,7 @@ import ray
 
 from actors.rollout import PipelineAbort, PipelineConfig, RewardActor, RolloutPipeline, SamplerActor, weights_for_transfer
 
-SPEC = {"pipeline": "tiny-random", "policy": {"unet_lora_rank": 2, "steps": 2}}
-PROMPTS = ["a red circle", "two blue squares", "a green triangle above a yellow circle"]
-
-
-class PromptCycle:
-    def __init__(self):
-        self.i = 0
-
-    def __call__(self, n):
-        prompts = [PROMPTS[(self.i + k) % len(PROMPTS)] for k in range(n)]
-        seeds = list(range(self.i, self.i + n))
-        self.i += n
-        return prompts, seeds
+from rollout_prompts import PROMPTS, SPEC, PromptCycle  # tests/ is on the path (rootdir conftest)
 
 
 def _balanced(pipe: RolloutPipeline) -> None:
