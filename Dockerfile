@@ -4,7 +4,7 @@
 #   docker build --build-arg BASE_IMAGE=rayproject/ray:2.60.0-py311-gpu -t ghcr.io/ralign/ralign:0.1.0-gpu .   # GPU (sd15)
 #
 # Not built in CI: the development machine has no Docker engine. The Ray version must match k8s' rayVersion
-# (ralign/k8s.py RAY_VERSION). The rayproject/ray base brings what KubeRay's pods expect (bash, wget for the
+# (ralign/ops/k8s/render.py RAY_VERSION). The rayproject/ray base brings what KubeRay's pods expect (bash, wget for the
 # probes) and the non-root user `ray` (uid 1000, gid 100) that the manifests' securityContext names.
 ARG BASE_IMAGE=rayproject/ray:2.60.0-py311
 FROM ${BASE_IMAGE}

@@ -23,9 +23,9 @@ import ray
 import torch
 
 from actors.rollout import PipelineConfig, RewardActor, RolloutPipeline, SamplerActor, one_line_error
-from ralign.learner import draw_gradient_steps
+from ralign.training.learner import draw_gradient_steps
 from ralign.rewards.registry import needs_attention
-from ralign.train_config import GRADIENT_ALGORITHMS, TrainConfig
+from ralign.training.config import GRADIENT_ALGORITHMS, TrainConfig
 from ralign.world.prompts import generate_mixed
 
 log = logging.getLogger(__name__)

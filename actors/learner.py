@@ -23,63 +23,11 @@ import ray
 import ray.train
 import torch
 
-from ralign.learner import Learner, LearnerBatch
-from ralign.train_config import GRADIENT_ALGORITHMS, TrainConfig
+from ralign.ops.tracking import RunLogger
+from ralign.training.learner import Learner, LearnerBatch
+from ralign.training.config import GRADIENT_ALGORITHMS, TrainConfig
 
 log = logging.getLogger(__name__)
-
-
-class RunLogger:
-    """MLflow logging for one run from one process; skips steps an earlier attempt already logged."""
-
-    def __init__(self, tracking_uri: str, run_id: str, enabled: bool):
-        self.enabled = enabled
-        self.run_id = run_id
-        self.last_step = -1
-        if not enabled:
-            return
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri)
-        history = self.client.get_metric_history(run_id, "iteration")
-        self.last_step = max((m.step for m in history), default=-1)
-
-    def metrics(self, values: dict[str, float], step: int, final: bool = False) -> None:
-        """Log one iteration's metrics. `final` metrics (the closing evaluation) are logged once, at the last
-        iteration's step, without the `iteration` marker."""
-        if not self.enabled or (step <= self.last_step and not final):
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None and np.isfinite(v)]
-        if not final:
-            batch.append(Metric("iteration", float(step), now, step))
-            self.last_step = step
-        self.client.log_batch(self.run_id, metrics=batch)
-
-    def tag(self, key: str, value: str) -> None:
-        if self.enabled:
-            self.client.set_tag(self.run_id, key, value)
-
-    def artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
-        if self.enabled:
-            self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
-
-    def artifact(self, local_file: str | Path, artifact_path: str | None = None) -> None:
-        if self.enabled:
-            self.client.log_artifact(self.run_id, str(local_file), artifact_path)
-
-
-def log_quarantine(records: list[dict], logger: "RunLogger") -> None:
-    """Quarantined samples (prompt, reason, image) to the run's `quarantine/` artefacts."""
-    if not records:
-        return
-    from ralign.quarantine import write_quarantine
-
-    with tempfile.TemporaryDirectory() as tmp:
-        write_quarantine(records, tmp)
-        logger.artifacts(tmp, "quarantine")
 
 
 def to_learner_batch(data: dict) -> LearnerBatch:
@@ -100,7 +48,7 @@ def to_learner_batch(data: dict) -> LearnerBatch:
 
 def evaluate_policy(policy, cfg: TrainConfig, out_dir: Path) -> dict:
     """Oracle metrics of the current policy on held-out prompts (the same path as `ralign eval`)."""
-    from ralign.evaluation import evaluate_generator
+    from ralign.world.evaluation import evaluate_generator
 
     e = cfg.train.eval
     return evaluate_generator(lambda prompts: policy.generate_images(prompts, seed=cfg.train.seed),
@@ -120,7 +68,7 @@ def _oracle_metrics(report: dict, prefix: str) -> dict[str, float]:
 
 
 def _save_batch_grid(data: dict, path: Path) -> None:
-    from ralign.evaluation import write_grid
+    from ralign.world.evaluation import write_grid
 
     write_grid(path, data["prompts"], list(data["images"]), max_images=16)
 
@@ -129,7 +77,7 @@ def train_loop_per_worker(config: dict) -> None:
     """Entry point of every Ray Train worker."""
     import json
 
-    from ralign.policy import build_policy
+    from ralign.diffusion.policy import build_policy
     from ralign.rewards.registry import build_reward
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -139,7 +87,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank = ctx.get_world_rank()
     torch.set_num_threads(cfg.ray.learner_threads or cfg.ray.threads_per_actor)
     torch.manual_seed(0)  # the same LoRA initialisation as the sampler actors
-    from actors.rollout import actor_device, weights_for_transfer
+    from actors.common import actor_device, weights_for_transfer
 
     device = actor_device(cfg.ray.use_gpu)
     policy = build_policy({**cfg.policy_spec(), "device": device})
@@ -209,10 +157,10 @@ def train_loop_per_worker(config: dict) -> None:
                 for key, values in data["components"].items():
                     stats[f"reward/{key}"] = float(np.mean(values))
             logger.metrics(stats, step=step)
-            log_quarantine(ray.get(coordinator.quarantine_records.remote()), logger)
+            logger.quarantined(ray.get(coordinator.quarantine_records.remote()))
         quarantined_in_update = learner.take_quarantined()  # every rank takes part (a gather)
         if rank == 0:
-            log_quarantine(quarantined_in_update, logger)
+            logger.quarantined(quarantined_in_update)
             if cfg.tracking.log_images_every and data.get("images") is not None and step % cfg.tracking.log_images_every == 0:
                 with tempfile.TemporaryDirectory() as tmp:
                     _save_batch_grid(data, Path(tmp) / f"rollouts_{step:04d}.png")

@@ -28,8 +28,9 @@ import numpy as np
 import ray
 import torch
 
-from ralign.attention_capture import pack_maps, select_samples, unpack_maps
-from ralign.text_parsing import token_offsets
+from actors.common import actor_device, set_threads, weights_from_transfer
+from ralign.diffusion.attention_capture import pack_maps, select_samples, unpack_maps
+from ralign.diffusion.text_encoding import token_offsets
 
 log = logging.getLogger(__name__)
 
@@ -73,41 +74,12 @@ class Rollout:
     token_offsets: list[list[tuple[int, int]]] | None = None
 
 
-def _set_threads(threads: int) -> None:
-    # Each actor gets its share of the cores; without this every actor's torch would spawn one thread per core and
-    # oversubscribe the machine.
-    torch.set_num_threads(max(1, threads))
-    os.environ["OMP_NUM_THREADS"] = str(max(1, threads))
-
-
-def actor_device(wants_gpu: bool) -> str:
-    """Where an actor's models live: its GPU when Ray gave it one, else the CPU."""
-    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
-
-
-def weights_for_transfer(state: dict[str, torch.Tensor] | None) -> dict | None:
-    """Weights as numpy arrays for a Ray call: Ray ships arrays as zero-copy buffers, while torch tensors go through
-    torch's own pickling (bench pipeline: a third of the coordinator's busy time). Dtypes numpy lacks (bfloat16) stay
-    tensors."""
-    if state is None:
-        return None
-    return {k: v.detach().cpu().numpy() if v.dtype in _NUMPY_DTYPES else v for k, v in state.items()}
-
-
-def weights_from_transfer(state: dict) -> dict[str, torch.Tensor]:
-    # Arrays read from the object store are read-only views; the copy is cheap next to the pickling it replaces.
-    return {k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v for k, v in state.items()}
-
-
-_NUMPY_DTYPES = {torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.uint8, torch.bool}
-
-
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class SamplerActor:
     def __init__(self, policy_spec: dict, threads: int = 1, use_gpu: bool = False):
-        _set_threads(threads)
+        set_threads(threads)
         torch.manual_seed(0)  # LoRA initialisation identical across samplers and learner
-        from ralign.policy import build_policy
+        from ralign.diffusion.policy import build_policy
 
         self.policy = build_policy({**policy_spec, "device": actor_device(use_gpu)})
         self.fingerprint_at_start = self.policy.base_fingerprint()
@@ -153,7 +125,7 @@ class SamplerActor:
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class RewardActor:
     def __init__(self, reward_spec: dict, threads: int = 1, use_gpu: bool = False):
-        _set_threads(threads)
+        set_threads(threads)
         from ralign.rewards.registry import build_reward
 
         self.device = actor_device(use_gpu)

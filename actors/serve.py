@@ -6,7 +6,7 @@ builds in-process or in reward actors, so a served score equals an in-process on
   ingress: `POST /<name>` with JSON `{"prompts": [...], "images": [base64 PNG, ...]}` or `{"prompts": [...],
   "arrays": [[[[r, g, b], ...]]]}`; it answers `{"reward", "scores", "components"}`, and refuses malformed or
   oversized requests with a 4xx and a one-line message (limits from the config's `http` section).
-- `build_reward_app(args)` is the import path a declarative Serve config names (ralign/serve_config.py); `deploy`
+- `build_reward_app(args)` is the import path a declarative Serve config names (ralign/ops/serve_config.py); `deploy`
   starts every application of a `ServeConfig` on the connected Ray cluster.
 - `ServedReward` is the client side: a reward object that forwards to a running application through its
   `DeploymentHandle`; reward actors use it when a training config names `reward.deployment`.
@@ -27,7 +27,7 @@ import torch
 from ray import serve
 
 from ralign.rewards.base import RewardOutput
-from ralign.serve_config import HttpSection, RewardDeployment, ServeConfig
+from ralign.ops.serve_config import HttpSection, RewardDeployment, ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def parse_request(body: bytes, limits: HttpSection) -> tuple[list[np.ndarray], l
 @serve.deployment(name="RewardServer")
 class RewardServer:
     def __init__(self, deployment: dict, limits: dict):
-        from actors.rollout import actor_device
+        from actors.common import actor_device
         from ralign.rewards.registry import build_reward
 
         self.settings = RewardDeployment.model_validate(deployment)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ralign.config import load_config
-from ralign.train_config import TrainConfig
+from ralign.training.config import TrainConfig
 from ralign.world.prompts import FAMILIES
 
 log = logging.getLogger(__name__)
@@ -101,9 +101,9 @@ def _write_markdown(results: dict, json_out: Path, out_dir: Path) -> None:
 def evaluate_base(n_per_family: int, out_dir: Path) -> dict:
     """The untrained base model at the training configs' sampling settings (10 DDIM steps, guidance 3, plain
     encoding), on the same prompts and noise as every trained row's evaluation."""
-    from ralign.evaluation import evaluate_generator
+    from ralign.world.evaluation import evaluate_generator
     from ralign.models.pipeline import load_pipeline
-    from ralign.policy import DiffusionPolicy, PolicyConfig
+    from ralign.diffusion.policy import DiffusionPolicy, PolicyConfig
 
     ref = load_config(TrainConfig, CONFIG_DIR / "draft.yaml").model.policy
     policy = DiffusionPolicy(load_pipeline("base"), PolicyConfig(unet_lora_rank=0, steps=ref.steps, eta=ref.eta, guidance=ref.guidance))
@@ -128,7 +128,7 @@ def write_montages(out_dir: Path, methods: list[str]) -> list[Path]:
 
     from ralign.world.scene import IMAGE_SIZE
 
-    row_height = IMAGE_SIZE * 2 + 6  # ralign.evaluation.write_grid: scale 2, 3-pixel frame
+    row_height = IMAGE_SIZE * 2 + 6  # ralign.world.evaluation.write_grid: scale 2, 3-pixel frame
 
     written = []
     for fam in FAMILIES:

@@ -21,7 +21,7 @@ from pydantic import Field
 from safetensors.torch import save_file
 
 from ralign.config import StrictModel
-from ralign.train_config import ModelSection, TrackingSection
+from ralign.training.config import ModelSection, TrackingSection
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     from diffusers import DDPMScheduler
 
     from ralign.algorithms.sft import sft_loss
-    from ralign.policy import build_policy
+    from ralign.diffusion.policy import build_policy
     from ralign.world.data import render_samples, sample_stream
 
     if cfg.family_weights is not None and len(cfg.family_weights) != len(cfg.families):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ralign.config import ConfigError, load_config, refuse_credentials
-from ralign.train_config import TrainConfig
+from ralign.training.config import TrainConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What never goes to the cluster: environments, outputs, VCS data, caches (Ray refuses working dirs over its limit).

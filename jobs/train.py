@@ -21,8 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from ralign.config import ConfigError, dump_config, load_config, parse_config, redact_credentials, refuse_credentials
-from ralign.train_config import TrainConfig
+from ralign.config import ConfigError, dump_config, load_config, parse_config, refuse_credentials
+from ralign.ops.credentials import redact_credentials
+from ralign.training.config import TrainConfig
 
 log = logging.getLogger("ralign.train")
 
@@ -42,12 +43,12 @@ def absolute_tracking_uri(uri: str) -> str:
 def flat_params(data: dict, prefix: str = "") -> dict[str, str]:
     """The config as MLflow params. Free-form sections (`reward.options`, `deepspeed.extra`) could hold a key named
     like a credential: its value is never recorded."""
-    from ralign.k8s import CREDENTIAL_NAME
+    from ralign.ops.credentials import is_credential_name
 
     out = {}
     for k, v in data.items():
         key = f"{prefix}{k}"
-        if CREDENTIAL_NAME.search(str(k)) and v not in (None, "", {}):
+        if is_credential_name(k) and v not in (None, "", {}):
             out[key] = "***"
         elif isinstance(v, dict) and v:
             out.update(flat_params(v, key + "."))
@@ -182,9 +183,10 @@ def train(cfg: TrainConfig | None, resume: str | None = None, tracking_uri: str 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from actors.coordinator import RolloutCoordinator
-    from actors.learner import RunLogger, log_quarantine, train_loop_per_worker
+    from actors.learner import train_loop_per_worker
+    from ralign.ops.tracking import RunLogger
 
-    from ralign.deepspeed_ops import configure_environment
+    from ralign.training.deepspeed_ops import configure_environment
 
     configure_environment()  # before Ray starts, so every worker inherits the op cache location
     uri = absolute_tracking_uri(tracking_uri or (cfg.tracking.tracking_uri if cfg else TrainConfig().tracking.tracking_uri))
@@ -220,7 +222,7 @@ def train(cfg: TrainConfig | None, resume: str | None = None, tracking_uri: str 
         done.set()
         ledger = ray.get(coordinator.shutdown.remote())
         client.log_dict(run_id, ledger, "pipeline_ledger.json")
-        log_quarantine(ray.get(coordinator.quarantine_records.remote()), RunLogger(uri, run_id, enabled=True))
+        RunLogger(uri, run_id, enabled=True).quarantined(ray.get(coordinator.quarantine_records.remote()))
         client.set_terminated(run_id, status=status)
         if bar.is_alive():
             bar.join(timeout=5)

@@ -6,12 +6,13 @@ setting. `--set a.b=value` overrides are parsed as YAML scalars and validated ex
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ralign.ops.credentials import has_credentials, redact_credentials
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -24,19 +25,10 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]*@")
-
-
-def redact_credentials(text: str) -> str:
-    """`scheme://user:password@host` (or `scheme://token@host`) -> `scheme://***@host`: error messages, logs and
-    reports never repeat a credential."""
-    return _USERINFO.sub(r"\1***@", text)
-
-
 def refuse_credentials(uri: str, where: str) -> str:
     """`uri` unchanged, or a ConfigError if it carries a `user:password@` or `token@` part: whatever takes it may log
     it, record it in MLflow or put it on a Ray job's command line. The message never repeats the credential."""
-    if _USERINFO.search(uri):
+    if has_credentials(uri):
         raise ConfigError(f"{where} {redact_credentials(uri)}: holds credentials; set MLFLOW_TRACKING_USERNAME / "
                           "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead")
     return uri

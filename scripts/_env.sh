@@ -14,8 +14,8 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; 
   # torch first: DeepSpeed's setup.py imports torch, so it is built without isolation against this torch.
   "$VENV/bin/python" -m pip install -q -c "$LOCK" torch torchvision
   "$VENV/bin/python" -m pip install -q --no-build-isolation -c "$LOCK" -e "$ROOT[dev]"
-  # DeepSpeed's CPU comm op: compiled once into a cache outside the checkout (ralign/deepspeed_ops.py).
-  DS_ACCELERATOR=cpu "$VENV/bin/python" -m ralign.deepspeed_ops
+  # DeepSpeed's CPU comm op: compiled once into a cache outside the checkout (ralign/training/deepspeed_ops.py).
+  DS_ACCELERATOR=cpu "$VENV/bin/python" -m ralign.training.deepspeed_ops
   echo "$want" > "$STAMP"
   echo "[setup] done in $(( $(date +%s) - start ))s" >&2
 fi

@@ -12,7 +12,7 @@ from ralign.algorithms.direct_backprop import DirectBackpropConfig, backprop_upd
 from ralign.algorithms.dpok import DPOKConfig, dpok_step_loss, dpok_update
 from ralign.algorithms.refl import ReFLConfig, choose_late_step, prefix, refl_loss, refl_update
 from ralign.models.toy_t2i import tiny_random_pipeline
-from ralign.policy import DiffusionPolicy, PolicyConfig
+from ralign.diffusion.policy import DiffusionPolicy, PolicyConfig
 from ralign.rewards.base import RewardOutput
 
 

@@ -10,7 +10,7 @@ METRIC_KEYS = {"n", "object_recall", "binding_acc", "count_acc", "spatial_acc", 
 
 
 def ralign(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "ralign", *args], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -25,7 +25,7 @@ def test_help_on_every_verb():
     assert "Usage" in ralign("--help").stdout  # the real entry point, once
     from typer.testing import CliRunner
 
-    from ralign.cli import app
+    from jobs.cli import app
 
     runner = CliRunner()
     for verb in VERBS:  # every verb's help, in-process (a subprocess each would cost seconds of imports)

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from ralign.algorithms.direct_backprop import DirectBackpropConfig, backprop_update, frozen_model_latents
-from ralign.attention_capture import AttentionStore
+from ralign.diffusion.attention_capture import AttentionStore
 from ralign.models.toy_t2i import tiny_random_pipeline
-from ralign.policy import DiffusionPolicy, PolicyConfig
+from ralign.diffusion.policy import DiffusionPolicy, PolicyConfig
 from ralign.rewards.grounded_attention import concentration_losses, pixel_loss, resize_masks, token_loss
 from ralign.rewards.registry import build_reward
-from ralign.sampler import guided_noise
-from ralign.text_parsing import entity_token_indices, parse_entities
+from ralign.diffusion.sampler import guided_noise
+from ralign.rewards.text_parsing import entity_token_indices, parse_entities
 from ralign.world.prompts import generate
 from ralign.world.scene import render
 
@@ -278,7 +278,7 @@ def test_frozen_model_latents_ignore_the_adapters():
 
 def test_attention_rewards_refuse_segment_encoding_and_dpok():
     from ralign.config import parse_config
-    from ralign.train_config import TrainConfig
+    from ralign.training.config import TrainConfig
 
     terms = [{"name": "caption", "weight": 1.0}, {"name": "grounded_attention", "weight": 1.0}]
     with pytest.raises(Exception, match="algorithm.name=dpok cannot use them"):

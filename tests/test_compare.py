@@ -13,7 +13,7 @@ from ralign.world.prompts import FAMILIES
 
 def test_compare_base_and_comat_tiny(tmp_path):
     out, js = tmp_path / "out", tmp_path / "compare.json"
-    args = [sys.executable, "-m", "ralign", "compare", "--methods", "base,comat", "--n", "1", "--out", str(out), "--json", str(js),
+    args = [sys.executable, "-m", "jobs.cli", "compare", "--methods", "base,comat", "--n", "1", "--out", str(out), "--json", str(js),
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
             "--set", "train.iterations=1", "--set", f"ray.storage_path={tmp_path / 'ray'}", "--set", "ray.num_cpus=2",
             # request 1 is then a metrics rollout, issued before request 2 that the learner trains on

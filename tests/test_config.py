@@ -68,7 +68,7 @@ def test_every_shipped_training_config_validates():
     from pathlib import Path
 
     from ralign.config import load_config
-    from ralign.train_config import TrainConfig
+    from ralign.training.config import TrainConfig
 
     configs = sorted((Path(__file__).resolve().parent.parent / "jobs" / "configs").glob("*.yaml"))
     assert {"quickstart.yaml", "dpok.yaml", "refl.yaml", "draft.yaml", "alignprop.yaml"} <= {c.name for c in configs}
@@ -88,7 +88,7 @@ def test_impossible_training_combinations_are_one_line_errors():
     import pytest
 
     from ralign.config import ConfigError, parse_config
-    from ralign.train_config import TrainConfig
+    from ralign.training.config import TrainConfig
 
     cases = {
         "refl late-step window": {"algorithm": {"name": "refl", "refl": {"late_step_max": 50}}},
@@ -103,7 +103,7 @@ def test_impossible_training_combinations_are_one_line_errors():
 
 
 def test_credentials_in_the_tracking_uri_are_refused_and_never_echoed():
-    from ralign.train_config import TrainConfig
+    from ralign.training.config import TrainConfig
 
     with pytest.raises(ConfigError) as info:
         parse_config(TrainConfig, {"tracking": {"tracking_uri": "https://bob:s3cret@mlflow.example:5000"}})

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ralign import k8s
+from ralign.config import ConfigError
+from ralign.ops import k8s
+from ralign.ops.k8s import render as k8s_render
 
 K8S = k8s.REPO_ROOT / "k8s"
 RENDER_CMD = ["k8s", "render", "--out"]
@@ -42,7 +44,7 @@ def _by_key(docs: list[dict]) -> dict:
 
 
 def _ralign(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ralign", *args], capture_output=True, text=True, timeout=600, cwd=k8s.REPO_ROOT)
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=600, cwd=k8s.REPO_ROOT)
 
 
 # ------------------------------------------------------------------------------------- (a) the committed tree is valid
@@ -114,13 +116,13 @@ def test_job_shape_follows_the_configs():
 
 
 def test_packing():
-    assert k8s._pack([(1.0, 0), (0.5, 0), (0.5, 0)], 2, 0) == 1
-    assert k8s._pack([(2, 0.5)] * 3, 4, 1) == 2
-    assert k8s._pack([], 2, 0) == 0
+    assert k8s_render._pack([(1.0, 0), (0.5, 0), (0.5, 0)], 2, 0) == 1
+    assert k8s_render._pack([(2, 0.5)] * 3, 4, 1) == 2
+    assert k8s_render._pack([], 2, 0) == 0
 
 
 def test_rayservice_serves_the_serve_yaml():
-    from ralign.serve_config import ServeConfig
+    from ralign.ops.serve_config import ServeConfig
     from ralign.config import load_config
 
     spec = _load("base/rayservice-rewards.yaml")["spec"]
@@ -288,7 +290,7 @@ def test_cli_bad_config_is_a_one_line_error(tmp_path):
 def test_config_outside_the_repo_is_refused(tmp_path):
     outside = tmp_path / "q.yaml"
     shutil.copy(k8s.REPO_ROOT / k8s.DEFAULT_CONFIG, outside)
-    with pytest.raises(k8s.ConfigError, match="must live inside the repository"):
+    with pytest.raises(ConfigError, match="must live inside the repository"):
         k8s.render_manifests(outside, k8s.REPO_ROOT / k8s.DEFAULT_SERVE_CONFIG)
 
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from actors.coordinator import PromptSource, request_plan
-from ralign.policy import build_policy
+from ralign.diffusion.policy import build_policy
 from ralign.config import parse_config
-from ralign.learner import BadRewardsError, Learner, LearnerBatch, backwards_per_update
+from ralign.training.learner import BadRewardsError, Learner, LearnerBatch, backwards_per_update
 from ralign.rewards.base import RewardOutput
 from ralign.rewards.colorfulness import ColorfulnessReward
-from ralign.train_config import TrainConfig
+from ralign.training.config import TrainConfig
 
 PROMPTS = ["a red circle", "a blue square", "a red circle", "two green triangles"]
 SEEDS = [1, 2, 3, 4]

@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ralign.model_registry import (
+from ralign.ops.model_registry import (
     RegistryError,
     download_checkpoint,
     eval_identity,
     metric_value,
     promote,
-    redact_uri,
 )
+from ralign.ops.credentials import redact_credentials
 
 SERVER_START_S = 300  # `mlflow server` took 2-3 minutes to answer /health on a loaded 2-core machine
 FAMILIES = ["single", "binding", "counting", "spatial", "size", "long"]
@@ -97,7 +97,7 @@ def server(tmp_path_factory):
 
 def _config(**eval_overrides) -> dict:
     from ralign.config import parse_config
-    from ralign.train_config import TrainConfig
+    from ralign.training.config import TrainConfig
 
     data = json.loads(json.dumps(CONFIG))
     data["train"]["eval"].update(eval_overrides)
@@ -110,8 +110,8 @@ def checkpoint(tmp_path_factory):
     from safetensors.torch import save_file
 
     from ralign.config import parse_config
-    from ralign.policy import build_policy
-    from ralign.train_config import TrainConfig
+    from ralign.diffusion.policy import build_policy
+    from ralign.training.config import TrainConfig
 
     cfg = parse_config(TrainConfig, CONFIG)
     torch.manual_seed(0)
@@ -171,8 +171,8 @@ def test_metric_paths_eval_identity_and_redaction(tmp_path):
     with pytest.raises(RegistryError, match="not a number"):
         metric_value(report, "binding.spatial_acc")  # None: the metric does not apply to that family
     assert eval_identity(report, _config()) != eval_identity(_report(0.4, config=_config(n_per_family=8)), _config(n_per_family=8))
-    assert redact_uri("https://alice:s3cret@mlflow.example.com/x") == "https://***@mlflow.example.com/x"
-    assert redact_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert redact_credentials("https://alice:s3cret@mlflow.example.com/x") == "https://***@mlflow.example.com/x"
+    assert redact_credentials("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     with pytest.raises(RegistryError, match="no MLflow store"):  # rather than silently creating an empty one
         download_checkpoint("models:/x@champion", tmp_path / "x", tracking_uri=f"sqlite:///{tmp_path / 'missing.db'}")
     assert not (tmp_path / "missing.db").exists()
@@ -262,7 +262,7 @@ def test_refuses_runs_that_cannot_be_promoted(server, checkpoint):
 
 
 def test_download_by_alias_version_and_run(server, checkpoint, tmp_path):
-    from ralign.policy import policy_from_checkpoint
+    from ralign.diffusion.policy import policy_from_checkpoint
 
     name = "toy-load"
     run_id = _log_run(server, checkpoint[0], 0.3)
@@ -283,7 +283,7 @@ def test_cli_promote_then_generate_from_champion(server, checkpoint, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
 
     def ralign(*args, timeout=300):
-        return subprocess.run([sys.executable, "-m", "ralign", *args], capture_output=True, text=True, timeout=timeout,
+        return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=timeout,
                               cwd=tmp_path, env=env)
 
     proc = ralign("promote", "--run", run_id, "--name", "toy-cli", "--tracking-uri", server, "--json", str(tmp_path / "p.json"))

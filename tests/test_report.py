@@ -12,7 +12,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from ralign.report import build_report
+from ralign.ops.report import build_report
 
 SECRET_URI = "http://user:pw@mlflow.example:5000"
 
@@ -101,7 +101,7 @@ def test_missing_pieces_are_stated_and_bad_input_raises(store, tmp_path):
                      params=[Param("algorithm.name", "refl")])
     from typer.testing import CliRunner
 
-    from ralign.cli import app
+    from jobs.cli import app
 
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["report", run_id, "--tracking-uri", uri, "--out", str(out), "--no-log"])

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from actors.rollout import RewardActor, Rollout, RolloutRequest, SamplerActor
-from ralign.policy import build_policy
+from ralign.diffusion.policy import build_policy
 from ralign.rewards.registry import build_reward
-from ralign.text_parsing import token_offsets
+from ralign.diffusion.text_encoding import token_offsets
 from ralign.world.prompts import generate
 from ralign.world.scene import render
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ralign.models import toy_t2i
-from ralign.sampler import ddim_step_with_logprob, gaussian_log_prob, initial_noise
+from ralign.diffusion.sampler import ddim_step_with_logprob, gaussian_log_prob, initial_noise
 
 
 @pytest.fixture()

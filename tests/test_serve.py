@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from ralign.config import ConfigError, load_config, parse_config
-from ralign.serve_config import HttpSection, ServeConfig
+from ralign.ops.serve_config import HttpSection, ServeConfig
 from ralign.world.prompts import generate
 from ralign.world.scene import render
 

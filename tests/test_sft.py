@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from jobs.sft import SFTConfig, run_sft
 from ralign.config import ConfigError, parse_config
-from ralign.policy import build_policy, policy_from_checkpoint
-from ralign.train_config import TrainConfig
+from ralign.diffusion.policy import build_policy, policy_from_checkpoint
+from ralign.training.config import TrainConfig
 
 
 def test_sft_stage_writes_a_checkpoint_that_training_starts_from(tmp_path, monkeypatch):

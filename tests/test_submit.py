@@ -73,7 +73,7 @@ def _ralign(*args: str, timeout: float = 900, auth: bool = False) -> subprocess.
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     if auth:
         env["RAY_AUTH_MODE"] = "token"
-    return subprocess.run([sys.executable, "-m", "ralign", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
 def test_submitted_training_job_runs_to_completion_on_the_cluster(ray_head, tmp_path):

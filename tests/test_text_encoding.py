@@ -7,7 +7,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ralign.models.tokenizer import build_word_tokenizer
-from ralign.text_encoding import PlainEncoder, SegmentEncoder, split_segments
+from ralign.diffusion.text_encoding import PlainEncoder, SegmentEncoder, split_segments
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from ralign.models.toy_t2i import tiny_random_pipeline
-from ralign.policy import DiffusionPolicy, PolicyConfig, policy_from_checkpoint
-from ralign.text_encoding import interpolate_embeddings
+from ralign.diffusion.policy import DiffusionPolicy, PolicyConfig, policy_from_checkpoint
+from ralign.diffusion.text_encoding import interpolate_embeddings
 
 PROMPTS = ["a red circle", "two blue squares"]
 
@@ -88,7 +88,7 @@ def test_generate_cli_interpolates_and_mixes(tmp_path):
     _write_checkpoint(tmp_path / "b", _tuned_policy(seed=2))
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "ralign", "generate", "--prompt", "a red circle", "--prompt", "three green triangles",
+        return subprocess.run([sys.executable, "-m", "jobs.cli", "generate", "--prompt", "a red circle", "--prompt", "three green triangles",
                                "--steps", "2", *args], capture_output=True, text=True, timeout=300)
 
     outs = {}

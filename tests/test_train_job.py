@@ -22,7 +22,7 @@ CONFIG = Path(__file__).parent / "configs" / "tiny_train.yaml"
 
 def _cmd(tmp_path: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "ralign", "train", "--config", str(CONFIG),
+        sys.executable, "-m", "jobs.cli", "train", "--config", str(CONFIG),
         "--set", f"ray.storage_path={tmp_path / 'ray'}",
         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
         *extra,
@@ -59,7 +59,7 @@ def test_refl_job_hands_prefixes_to_the_learner(tmp_path):
     # `ralign report` of the same run (in-process: a subprocess would cost seconds of imports).
     import re
 
-    from ralign.report import build_report
+    from ralign.ops.report import build_report
 
     index = build_report(summary["run_id"], tracking_uri=summary["tracking_uri"], out_dir=tmp_path / "report")
     page = index.read_text(encoding="utf-8")

@@ -27,10 +27,10 @@ def _measure(config: str, overrides: list[str], k: int, checkpointing: bool, ste
         from jobs.bench.common import PeakSampler
         from ralign.algorithms.direct_backprop import backprop_update
         from ralign.config import load_config
-        from ralign.learner import backprop_config
-        from ralign.policy import build_policy
+        from ralign.training.learner import backprop_config
+        from ralign.diffusion.policy import build_policy
         from ralign.rewards.registry import build_reward
-        from ralign.train_config import TrainConfig
+        from ralign.training.config import TrainConfig
         from ralign.world.prompts import generate_mixed
 
         torch.set_num_threads(threads)
@@ -89,7 +89,7 @@ def _linear_fit(rows: list[dict]) -> dict | None:
 def run(config: str | Path, ks: list[int], overrides: list[str] | None = None, threads: int = 2, timeout_s: float = 1800) -> dict:
     from jobs.bench.common import machine
     from ralign.config import load_config
-    from ralign.train_config import TrainConfig
+    from ralign.training.config import TrainConfig
 
     if not ks or min(ks) < 1:
         raise ValueError("--k needs positive gradient-step counts, e.g. 1,2,5,10,25")

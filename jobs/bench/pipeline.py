@@ -107,8 +107,8 @@ def _in_process(cfg, iterations: int, warmup: int, threads: int) -> tuple[dict, 
 
     from actors.coordinator import PromptSource
     from jobs.bench.common import PeakSampler
-    from ralign.learner import Learner, LearnerBatch
-    from ralign.policy import build_policy
+    from ralign.training.learner import Learner, LearnerBatch
+    from ralign.diffusion.policy import build_policy
     from ralign.rewards.registry import build_reward
 
     torch.set_num_threads(threads)
@@ -217,7 +217,7 @@ def _ray_overhead(cfg, state: dict, rollout_payload, rollouts_per_iteration: int
     """Seconds of Ray transfer + scheduling per rollout and per weight broadcast, timed with an echo actor."""
     import ray
 
-    from actors.rollout import weights_for_transfer
+    from actors.common import weights_for_transfer
 
     @ray.remote(num_cpus=0)
     class Echo:
@@ -252,7 +252,7 @@ def run(config: str | Path, iterations: int, overrides: list[str] | None = None,
     from jobs.bench.common import machine
     from jobs.train import train
     from ralign.config import load_config
-    from ralign.train_config import TrainConfig
+    from ralign.training.config import TrainConfig
 
     if iterations < 1:
         raise ValueError("--iterations must be at least 1")
@@ -293,7 +293,7 @@ def run(config: str | Path, iterations: int, overrides: list[str] | None = None,
         # Ray overhead: the same payloads as the pipeline's, through an echo actor on the same cluster.
         import torch
 
-        from ralign.policy import build_policy
+        from ralign.diffusion.policy import build_policy
 
         policy = build_policy(cfg.policy_spec())
         traj = policy.sample(["a red circle"] * cfg.ray.request_batch, list(range(cfg.ray.request_batch)))

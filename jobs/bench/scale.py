@@ -23,11 +23,12 @@ def run(config: str | Path, counts: list[int], requests_per_sampler: int = 4, ov
     import ray
     from ray.cluster_utils import Cluster
 
-    from actors.rollout import RolloutRequest, SamplerActor, weights_for_transfer
+    from actors.common import weights_for_transfer
+    from actors.rollout import RolloutRequest, SamplerActor
     from jobs.bench.common import machine
     from ralign.config import load_config
-    from ralign.policy import build_policy
-    from ralign.train_config import TrainConfig
+    from ralign.diffusion.policy import build_policy
+    from ralign.training.config import TrainConfig
 
     if not counts or min(counts) < 1:
         raise ValueError("--samplers needs positive counts, e.g. 1,2,4")

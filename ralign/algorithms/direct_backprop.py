@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ralign.attention_capture import AttentionStore
-from ralign.policy import DiffusionPolicy, step_generator
+from ralign.diffusion.attention_capture import AttentionStore
+from ralign.diffusion.policy import DiffusionPolicy, step_generator
 from ralign.rewards.base import Reward, finite_mask, quarantine_records
-from ralign.sampler import ddim_step_with_logprob, decode_latents, guided_noise, initial_noise
-from ralign.text_parsing import token_offsets
+from ralign.diffusion.sampler import ddim_step_with_logprob, decode_latents, guided_noise, initial_noise
+from ralign.diffusion.text_encoding import token_offsets
 
 
 @dataclass

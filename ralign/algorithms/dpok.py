@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ralign.policy import DiffusionPolicy
-from ralign.sampler import Trajectory, ddim_step_with_logprob
+from ralign.diffusion.policy import DiffusionPolicy
+from ralign.diffusion.sampler import Trajectory, ddim_step_with_logprob
 
 
 @dataclass

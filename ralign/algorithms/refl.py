@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ralign.policy import DiffusionPolicy
+from ralign.diffusion.policy import DiffusionPolicy
 from ralign.rewards.base import Reward, finite_mask, quarantine_records
-from ralign.sampler import decode_latents
+from ralign.diffusion.sampler import decode_latents
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from ralign.policy import DiffusionPolicy
+from ralign.diffusion.policy import DiffusionPolicy
 
 
 def sft_loss(policy: DiffusionPolicy, images: torch.Tensor, prompts: Sequence[str], noise_scheduler: DDPMScheduler,

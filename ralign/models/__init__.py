@@ -1,5 +1,11 @@
-"""Model definitions and loaders (toy and real). `ModelLoadError` lives here, not in `pipeline`, so that the CLI can
-catch it without importing diffusers (seconds of start-up on every command, even one refused at once)."""
+"""Model definitions and loaders (toy and real). `ModelLoadError` and `TOY_MODELS_DIR` live here, not in `pipeline`,
+so that the CLI can use them without importing diffusers (seconds of start-up on every command, even one refused at
+once)."""
+
+from pathlib import Path
+
+# The committed toy models (ralign/toy_models/*/MODEL_CARD.md), written by `ralign world pretrain`.
+TOY_MODELS_DIR = Path(__file__).resolve().parent.parent / "toy_models"
 
 
 class ModelLoadError(RuntimeError):

@@ -36,7 +36,7 @@ def build_captioner(tokenizer=None) -> tuple[BlipForConditionalGeneration, objec
 
 
 def load_captioner(path: str | Path) -> tuple[BlipForConditionalGeneration, object]:
-    from ralign.checkpoint_io import load_pretrained
+    from ralign.models.weights import load_pretrained
 
     model = load_pretrained(BlipForConditionalGeneration, path)
     return model, AutoTokenizer.from_pretrained(str(path))

@@ -44,7 +44,7 @@ class GroundingDinoSamSegmenter:
                  device: str = "cpu"):
         """`detector` / `sam`: local directories or hub ids (e.g. "IDEA-Research/grounding-dino-tiny",
         "facebook/sam-vit-base"); weights are read from safetensors only."""
-        from ralign.checkpoint_io import load_pretrained
+        from ralign.models.weights import load_pretrained
 
         # Not strict: hub checkpoints of these models may carry tensors the transformers classes drop on load.
         self._setup(

@@ -19,9 +19,10 @@ from typing import Protocol
 
 import torch
 
+from ralign.models import TOY_MODELS_DIR
 from ralign.models import segmenter as toy_segmenter
 
-TOY_SEGMENTER_DIR = Path(__file__).resolve().parent.parent / "toy_models" / "segmenter"
+TOY_SEGMENTER_DIR = TOY_MODELS_DIR / "segmenter"
 
 
 class GroundedSegmenter(Protocol):

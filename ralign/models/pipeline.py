@@ -16,10 +16,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import SafetensorError
 
-from ralign.checkpoint_io import no_progress_bars
-from ralign.models import ModelLoadError
+from ralign.models.weights import no_progress_bars
+from ralign.models import TOY_MODELS_DIR, ModelLoadError
 
-TOY_MODELS_DIR = Path(__file__).resolve().parent.parent / "toy_models"
 TOY_NAMES = {
     "base": TOY_MODELS_DIR / "base",
 }

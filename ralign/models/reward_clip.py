@@ -53,7 +53,7 @@ def load_reward_clip(path: str | Path) -> tuple[open_clip.CLIP, object]:
     path = Path(path)
     if not (path / "open_clip_config.json").is_file():
         raise FileNotFoundError(f"{path}: no open_clip_config.json (not a reward CLIP directory)")
-    from ralign.checkpoint_io import CheckpointError, check_fits, read_json, read_safetensors
+    from ralign.models.weights import CheckpointError, check_fits, read_json, read_safetensors
 
     config = read_json(path / "open_clip_config.json")
     try:

@@ -38,7 +38,7 @@ def build_segmenter(tokenizer=None) -> tuple[CLIPSegForImageSegmentation, object
 
 
 def load_segmenter(path: str | Path) -> tuple[CLIPSegForImageSegmentation, object]:
-    from ralign.checkpoint_io import load_pretrained
+    from ralign.models.weights import load_pretrained
 
     model = load_pretrained(CLIPSegForImageSegmentation, path)
     return model, AutoTokenizer.from_pretrained(str(path))

@@ -17,8 +17,7 @@ import torchvision.transforms.functional as TF
 from ralign.models import captioner as cap
 from ralign.models import reward_clip as rc
 from ralign.models import segmenter as seg
-from ralign.pretrain.run import machine_description
-from ralign.pretrain.t2i import _cosine_lr, _params, _Progress
+from ralign.pretrain.common import Progress, cosine_lr, machine_description, parameter_count
 from ralign.world.data import images_to_tensor, sample_stream
 from ralign.world.prompts import FAMILIES, PromptSample, generate
 from ralign.world.scene import COLORS, GRID, SHAPES, Scene, SceneObject, object_mask, random_jitter, render
@@ -75,9 +74,9 @@ def train_reward_clip(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 5
     steps = _steps(steps, scale)
     model, tokenizer = rc.build_reward_clip()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    sched = _cosine_lr(opt, steps)
+    sched = cosine_lr(opt, steps)
     stream = sample_stream(batch, seed=seed + 11)
-    progress = _Progress("reward-clip", steps, max(1, min(100, steps)))
+    progress = Progress("reward-clip", steps, max(1, min(100, steps)))
     model.train()
     for i in range(steps):
         samples = _unique(next(stream))
@@ -92,7 +91,7 @@ def train_reward_clip(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 5
     out = Path(out_dir)
     rc.save_reward_clip(model, tokenizer, out)
     retrieval = _retrieval(model, tokenizer)
-    metrics = {"steps": steps, "batch": batch, "wall_s": round(progress.wall_s, 1), "params": _params(model), "retrieval_top1": retrieval}
+    metrics = {"steps": steps, "batch": batch, "wall_s": round(progress.wall_s, 1), "params": parameter_count(model), "retrieval_top1": retrieval}
     table = "\n".join(f"| {f} | {v:.3f} |" for f, v in retrieval.items())
     _write_card(out, "Toy reward CLIP (open_clip `CLIP`, custom config)", f"""
 Scores text-image agreement (CLIP score) as a reward; LongAlign decomposes its text embedding.
@@ -177,9 +176,9 @@ def train_preference(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 30
         model, tokenizer = rc.build_reward_clip()
         init = "random"
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    sched = _cosine_lr(opt, steps, warmup=min(50, steps))
+    sched = cosine_lr(opt, steps, warmup=min(50, steps))
     stream = sample_stream(batch, seed=seed + 22)
-    progress = _Progress("preference", steps, max(1, min(100, steps)))
+    progress = Progress("preference", steps, max(1, min(100, steps)))
     model.train()
     for i in range(steps):
         samples = _unique(next(stream))
@@ -199,7 +198,7 @@ def train_preference(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 30
     out = Path(out_dir)
     rc.save_reward_clip(model, tokenizer, out)
     accuracy = _pair_accuracy(model, tokenizer, seed)
-    metrics = {"steps": steps, "batch": batch, "wall_s": round(progress.wall_s, 1), "params": _params(model), "init": init,
+    metrics = {"steps": steps, "batch": batch, "wall_s": round(progress.wall_s, 1), "params": parameter_count(model), "init": init,
                "pair_accuracy": accuracy}
     table = "\n".join(f"| {k} | {v:.3f} |" for k, v in accuracy.items())
     _write_card(out, "Toy preference model (open_clip `CLIP`, PickScore-style)", f"""
@@ -241,9 +240,9 @@ def train_captioner(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 500
     steps = _steps(steps, scale)
     model, tokenizer = cap.build_captioner()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    sched = _cosine_lr(opt, steps)
+    sched = cosine_lr(opt, steps)
     stream = sample_stream(batch, seed=seed + 31)
-    progress = _Progress("captioner", steps, max(1, min(100, steps)))
+    progress = Progress("captioner", steps, max(1, min(100, steps)))
     model.train()
     for i in range(steps):
         samples = next(stream)
@@ -261,7 +260,7 @@ def train_captioner(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 500
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     quality = _caption_quality(model, tokenizer, seed)
-    metrics = {"steps": steps, "batch": batch, "wall_s": round(progress.wall_s, 1), "params": _params(model), **quality}
+    metrics = {"steps": steps, "batch": batch, "wall_s": round(progress.wall_s, 1), "params": parameter_count(model), **quality}
     table = "\n".join(f"| {f} | {q['nll_per_token']:.3f} | {q['nll_right_lt_wrong']:.3f} | {q['greedy_exact']:.3f} |"
                       for f, q in quality["families"].items())
     _write_card(out, "Toy captioner (transformers `BlipForConditionalGeneration`)", f"""
@@ -335,9 +334,9 @@ def train_segmenter(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 150
     steps = _steps(steps, scale)
     model, tokenizer = seg.build_segmenter()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = _cosine_lr(opt, steps)
+    sched = cosine_lr(opt, steps)
     stream = sample_stream(batch, seed=seed + 42)
-    progress = _Progress("segmenter", steps, max(1, min(100, steps)))
+    progress = Progress("segmenter", steps, max(1, min(100, steps)))
     model.train()
     for i in range(steps):
         samples = next(stream)
@@ -359,7 +358,7 @@ def train_segmenter(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 150
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     quality = _segmentation_quality(model, tokenizer, seed)
-    metrics = {"steps": steps, "batch": batch, "wall_s": round(progress.wall_s, 1), "params": _params(model), **quality}
+    metrics = {"steps": steps, "batch": batch, "wall_s": round(progress.wall_s, 1), "params": parameter_count(model), **quality}
     _write_card(out, "Toy text-prompted segmenter (transformers `CLIPSegForImageSegmentation`)", f"""
 Stands in for Grounded-SAM in CoMat's attribute concentration: a noun phrase ("red circle", "circle", "circles")
 in, a per-pixel probability map out at image resolution.

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
+from ralign.pretrain.common import machine_description
 from ralign.pretrain.t2i import T2IPretrainConfig, continue_unet, pretrain_t2i
 
 log = logging.getLogger(__name__)
 
 PARTS = ("t2i", "reward_clip", "preference", "captioner", "segmenter")
-
-
-def machine_description() -> str:
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def dir_size_mb(path: Path) -> float:

@@ -25,6 +25,7 @@ from diffusers.training_utils import EMAModel
 from transformers import CLIPModel
 
 from ralign.models import toy_t2i
+from ralign.pretrain.common import Progress, cosine_lr, parameter_count
 from ralign.models.tokenizer import build_word_tokenizer
 from ralign.world.data import render_samples, sample_stream
 from ralign.world.prompts import FAMILIES, generate
@@ -55,43 +56,6 @@ class T2IPretrainConfig:
     threads: int = 2
 
 
-class _Progress:
-    """A log line every `every` steps with loss, speed and time left (tqdm bars are unreadable in CI logs)."""
-
-    def __init__(self, name: str, total: int, every: int):
-        self.name, self.total, self.every = name, total, every
-        self.start = time.time()
-        self.losses: list[float] = []
-
-    def step(self, i: int, loss: float) -> None:
-        self.losses.append(loss)
-        if (i + 1) % self.every == 0 or i + 1 == self.total:
-            elapsed = time.time() - self.start
-            rate = (i + 1) / elapsed
-            recent = float(np.mean(self.losses[-self.every :]))
-            log.info(
-                "%s step %d/%d loss %.4f  %.2f it/s  %.0fs left", self.name, i + 1, self.total, recent, rate,
-                (self.total - i - 1) / rate,
-            )
-
-    @property
-    def wall_s(self) -> float:
-        return time.time() - self.start
-
-
-def _cosine_lr(optimizer: torch.optim.Optimizer, total: int, warmup: int = 100) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def tokenize(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
 
@@ -100,9 +64,9 @@ def train_text_clip(cfg: T2IPretrainConfig, tokenizer) -> tuple[torch.nn.Module,
     torch.manual_seed(cfg.seed)
     model = toy_t2i.text_clip(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.1)
-    sched = _cosine_lr(opt, cfg.clip_steps)
+    sched = cosine_lr(opt, cfg.clip_steps)
     stream = sample_stream(cfg.clip_batch, seed=cfg.seed + 1)
-    progress = _Progress("text-clip", cfg.clip_steps, cfg.log_every)
+    progress = Progress("text-clip", cfg.clip_steps, cfg.log_every)
     model.train()
     for i in range(cfg.clip_steps):
         batch = next(stream)
@@ -121,7 +85,7 @@ def train_text_clip(cfg: T2IPretrainConfig, tokenizer) -> tuple[torch.nn.Module,
         opt.zero_grad(set_to_none=True)
         progress.step(i, out.loss.item())
     model.eval()
-    metrics = {"steps": cfg.clip_steps, "batch": cfg.clip_batch, "wall_s": round(progress.wall_s, 1), "params": _params(model)}
+    metrics = {"steps": cfg.clip_steps, "batch": cfg.clip_batch, "wall_s": round(progress.wall_s, 1), "params": parameter_count(model)}
     metrics.update(evaluate_text_clip(model, tokenizer))
     return model, metrics
 
@@ -147,9 +111,9 @@ def train_vae(cfg: T2IPretrainConfig) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(cfg.seed)
     vae = toy_t2i.vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    sched = _cosine_lr(opt, cfg.vae_steps)
+    sched = cosine_lr(opt, cfg.vae_steps)
     stream = sample_stream(cfg.vae_batch, seed=cfg.seed + 2)
-    progress = _Progress("vae", cfg.vae_steps, cfg.log_every)
+    progress = Progress("vae", cfg.vae_steps, cfg.log_every)
     vae.train()
     for i in range(cfg.vae_steps):
         x = render_samples(next(stream))
@@ -164,7 +128,7 @@ def train_vae(cfg: T2IPretrainConfig) -> tuple[torch.nn.Module, dict]:
         opt.zero_grad(set_to_none=True)
         progress.step(i, loss.item())
     vae.eval()
-    metrics = {"steps": cfg.vae_steps, "batch": cfg.vae_batch, "wall_s": round(progress.wall_s, 1), "params": _params(vae)}
+    metrics = {"steps": cfg.vae_steps, "batch": cfg.vae_batch, "wall_s": round(progress.wall_s, 1), "params": parameter_count(vae)}
     metrics.update(_calibrate_vae(vae, cfg.seed))
     return vae, metrics
 
@@ -193,10 +157,10 @@ def train_unet(cfg: T2IPretrainConfig, tokenizer, text_encoder, vae, snapshot_di
     noise_scheduler = toy_t2i.train_scheduler()
     ema = EMAModel(unet.parameters(), decay=cfg.unet_ema_decay, model_cls=type(unet), model_config=unet.config)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.0)
-    sched = _cosine_lr(opt, cfg.unet_steps, warmup=200)
+    sched = cosine_lr(opt, cfg.unet_steps, warmup=200)
     stream = sample_stream(cfg.unet_batch, seed=cfg.seed + 3)
     rng = np.random.default_rng(cfg.seed + 4)
-    progress = _Progress("unet", cfg.unet_steps, cfg.log_every)
+    progress = Progress("unet", cfg.unet_steps, cfg.log_every)
     text_encoder.requires_grad_(False)
     vae.requires_grad_(False)
     unet.train()
@@ -225,7 +189,7 @@ def train_unet(cfg: T2IPretrainConfig, tokenizer, text_encoder, vae, snapshot_di
             ema.restore(unet.parameters())
     ema.copy_to(unet.parameters())
     unet.eval()
-    metrics = {"steps": cfg.unet_steps, "batch": cfg.unet_batch, "wall_s": round(progress.wall_s, 1), "params": _params(unet)}
+    metrics = {"steps": cfg.unet_steps, "batch": cfg.unet_batch, "wall_s": round(progress.wall_s, 1), "params": parameter_count(unet)}
     metrics["final_loss"] = round(float(np.mean(progress.losses[-200:])), 4)
     return unet, metrics
 

@@ -9,7 +9,7 @@ from whoever ran the chain: the gradient algorithms in the learner (with graph),
 sampler shipped with the rollout (no graph):
 - `uses_attention`: `attention={"maps": [per captured step: {group: [(B, side, side, tokens)]}], "token_offsets":
   [per prompt: [(start, end) character span of each token position]]}`, the UNet's cross-attention maps
-  (ralign/attention_capture.py) and where each token of the prompt sits;
+  (ralign/diffusion/attention_capture.py) and where each token of the prompt sits;
 - `uses_latents`: `latents=(B, C, h, w)`, the final latents before decoding.
 A reward with an `adversarial_update(real_latents, fake_latents)` method also trains (CoMat's discriminator); it
 then has `shared_weights()` / `load_shared_weights(state)` so the learner can hand its current weights to reward

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
+from ralign.models import TOY_MODELS_DIR
 from ralign.models.captioner import caption_nll, load_captioner
 from ralign.rewards.base import RewardOutput
 
-TOY_CAPTIONER = Path(__file__).resolve().parent.parent / "toy_models" / "captioner"
+TOY_CAPTIONER = TOY_MODELS_DIR / "captioner"
 
 
 class CaptionReward:

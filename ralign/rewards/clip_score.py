@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
+from ralign.models import TOY_MODELS_DIR
 from ralign.models.reward_clip import encode_images, encode_texts, load_reward_clip
 from ralign.rewards.base import RewardOutput
 
-TOY_DIR = Path(__file__).resolve().parent.parent / "toy_models"
+TOY_DIR = TOY_MODELS_DIR
 
 
 class ClipScoreReward:

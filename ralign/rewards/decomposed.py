@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ralign.distributed import active_dist
+from ralign.training.distributed import active_dist
 from ralign.models.reward_clip import encode_images, encode_texts
 from ralign.rewards.base import RewardOutput
 from ralign.rewards.clip_score import TOY_DIR, PreferenceReward
-from ralign.text_encoding import split_segments
+from ralign.diffusion.text_encoding import split_segments
 
 
 def global_mean(x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from peft import LoraConfig
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ralign.distributed import active_dist
+from ralign.training.distributed import active_dist
 from ralign.models.pipeline import load_pipeline
 from ralign.rewards.base import RewardOutput
 
@@ -120,7 +120,7 @@ class FidelityDiscriminator:
         save_file(tensors, str(Path(directory) / STATE_FILE), metadata={"updates": str(self.updates)})
 
     def load_state(self, directory: str | Path) -> None:
-        from ralign.checkpoint_io import CheckpointError, check_fits
+        from ralign.models.weights import CheckpointError, check_fits
 
         path = Path(directory) / STATE_FILE
         if not path.is_file():

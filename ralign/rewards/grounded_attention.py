@@ -1,7 +1,7 @@
 """CoMat's attribute concentration: push each entity's cross-attention into the region where a grounded segmenter
 finds that entity in the generated image.
 
-For a prompt's entities (noun + modifiers, ralign/text_parsing.py) with token positions e_i, masks M_i from the
+For a prompt's entities (noun + modifiers, ralign/rewards/text_parsing.py) with token positions e_i, masks M_i from the
 grounded segmenter (all zero where the object is missing), and the UNet's head-averaged cross-attention A (pixels u
 x tokens k, softmax over k) captured at a few training timesteps in the mid and up blocks:
 - token loss  = mean_i mean_{k in e_i} (1 − Σ_u A_uk M_iu / Σ_u A_uk)²     (each token's attention mass inside its mask)
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ralign.models.grounded_segmenter import build_grounded_segmenter
 from ralign.rewards.base import RewardOutput
-from ralign.text_parsing import Entity, entity_positions, parse_entities
+from ralign.rewards.text_parsing import Entity, entity_positions, parse_entities
 
 _EPS = 1e-8
 

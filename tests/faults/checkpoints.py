@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ralign.policy import build_policy
+from ralign.diffusion.policy import build_policy
 
 TINY_POLICY = {"unet_lora_rank": 2, "steps": 1}
 

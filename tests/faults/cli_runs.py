@@ -27,8 +27,8 @@ class Outcome:
 
 
 def ralign_process(*args: str, cwd: Path | None = None, env: dict | None = None) -> Outcome:
-    """`python -m ralign ARGS` as a user runs it."""
-    proc = subprocess.run([sys.executable, "-m", "ralign", *map(str, args)], capture_output=True, text=True, timeout=300,
+    """`python -m jobs.cli ARGS` (what the `ralign` console script runs) as a user runs it."""
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", *map(str, args)], capture_output=True, text=True, timeout=300,
                           cwd=cwd, env=env)
     return Outcome(proc.returncode, proc.stdout, proc.stderr)
 

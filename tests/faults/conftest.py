@@ -11,9 +11,9 @@ from .cli_runs import Outcome
 
 @pytest.fixture
 def ralign_cli(capsys, monkeypatch):
-    """`ralign ARGS` through `ralign.cli.main`, the console script's own function, in this process (a subprocess per
+    """`ralign ARGS` through `jobs.cli.main`, the console script's own function, in this process (a subprocess per
     case would spend seconds importing torch): exit code, stdout, stderr."""
-    from ralign.cli import main
+    from jobs.cli import main
 
     def run(*args) -> Outcome:
         capsys.readouterr()

@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load, save_file
 
-from ralign.checkpoint_io import CheckpointError
+from ralign.models.weights import CheckpointError
 from ralign.models import ModelLoadError
 from ralign.models.pipeline import TOY_MODELS_DIR, load_pipeline
-from ralign.policy import build_policy
+from ralign.diffusion.policy import build_policy
 
 from .checkpoints import policy_spec, write_checkpoint
 

@@ -1,6 +1,6 @@
 """Weights load only from safetensors; the one pickle the project cannot avoid (DeepSpeed's engine state, read back
 when a learner resumes) is checked against the manifest its save wrote and unpickled with weights_only=True.
-ralign/checkpoint_io.py explains the two guards and what each does and does not stop."""
+ralign/models/weights.py explains the two guards and what each does and does not stop."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ralign.checkpoint_io import MANIFEST_GLOB, CheckpointError, verify_manifest, write_manifest
+from ralign.models.weights import CheckpointError
+from ralign.training.checkpoint import MANIFEST_GLOB, verify_manifest, write_manifest
 from ralign.config import parse_config
-from ralign.learner import Learner, LearnerBatch
-from ralign.policy import build_policy
+from ralign.training.learner import Learner, LearnerBatch
+from ralign.diffusion.policy import build_policy
 from ralign.rewards.colorfulness import ColorfulnessReward
-from ralign.train_config import TrainConfig
+from ralign.training.config import TrainConfig
 
 from .cli_runs import REPO
 

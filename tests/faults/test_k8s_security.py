@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from ralign import k8s
+from ralign.ops import k8s
 
 CONFIGS = sorted(p for p in (k8s.REPO_ROOT / "jobs" / "configs").glob("*.yaml")
                  if not p.name.startswith("serve") and not p.stem.endswith("_sft"))

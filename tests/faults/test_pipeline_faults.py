@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import ray
 
-from actors.rollout import PipelineAbort, PipelineConfig, RewardActor, RolloutPipeline, SamplerActor, weights_for_transfer
+from actors.common import weights_for_transfer
+from actors.rollout import PipelineAbort, PipelineConfig, RewardActor, RolloutPipeline, SamplerActor
 
 from rollout_prompts import PROMPTS, SPEC, PromptCycle  # tests/ is on the path (rootdir conftest)
 
@@ -56,7 +57,7 @@ def _new_pid(actor, old: int, timeout_s: float = 120.0) -> int:
 
 
 def test_killed_sampler_and_reward_actor_lose_nothing_twice(ray_local):
-    from ralign.policy import build_policy
+    from ralign.diffusion.policy import build_policy
 
     sampler = SamplerActor.options(num_cpus=0.5).remote(SPEC)
     reward = RewardActor.options(num_cpus=0.25).remote({"name": "colorfulness"})
@@ -119,7 +120,7 @@ def test_a_hung_reward_times_out_its_samples_are_quarantined_and_it_restarts(ray
 
 
 def test_nan_rewards_are_quarantined_with_their_images_and_too_many_stop_the_run(ray_local, tmp_path):
-    from ralign.quarantine import write_quarantine
+    from ralign.rollout.quarantine import write_quarantine
 
     sampler = SamplerActor.options(num_cpus=0.5).remote(SPEC)
     spec = {"name": "fault_injection", "inner": {"name": "colorfulness"}, "nan_if_prompt_contains": "blue"}

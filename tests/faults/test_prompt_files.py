@@ -1,7 +1,7 @@
 """Bad prompt input to `ralign generate` (the one command that reads prompts from a person: `--prompt` and
 `--prompts-file`; training and evaluation prompts come from the toy world's generator). Each refusal is one line
 naming FILE:LINE (or --prompt N) and the problem, exit code 2, and no output directory; blank lines are skipped and
-reported. What each case does is decided in ralign/prompt_input.py."""
+reported. What each case does is decided in ralign/ops/prompt_input.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from ralign.prompt_input import MAX_PROMPT_CHARS, PromptInputError, check_prompt, read_prompt_file
+from ralign.ops.prompt_input import MAX_PROMPT_CHARS, PromptInputError, check_prompt, read_prompt_file
 from ralign.world.prompts import generate
 
 from .checkpoints import policy_spec, write_checkpoint

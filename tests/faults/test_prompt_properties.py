@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ralign.models.tokenizer import build_word_tokenizer
-from ralign.text_encoding import SegmentEncoder, fit_sentence, split_segments
-from ralign.text_parsing import MODIFIERS, NON_OBJECT_NOUNS, NOUNS, parse_entities
+from ralign.diffusion.text_encoding import SegmentEncoder, fit_sentence, split_segments
+from ralign.rewards.text_parsing import MODIFIERS, NON_OBJECT_NOUNS, NOUNS, parse_entities
 from ralign.world import oracle
 from ralign.world.prompts import LONG_FILLER_SENTENCES, LONG_OBJECT_SENTENCES, generate, prompt_words, token_count, vocabulary
 from ralign.world.scene import COLORS, SHAPES, SIZES

@@ -28,7 +28,7 @@ def _logged_iterations(client: MlflowClient, run_id: str) -> list[int]:
 
 def _cmd(tmp_path: Path, *overrides: str) -> list[str]:
     sets = [a for o in overrides for a in ("--set", o)]
-    return [sys.executable, "-m", "ralign", "train", "--config", str(CONFIG), "--set", f"ray.storage_path={tmp_path / 'ray'}",
+    return [sys.executable, "-m", "jobs.cli", "train", "--config", str(CONFIG), "--set", f"ray.storage_path={tmp_path / 'ray'}",
             "--set", "train.eval.before_after=false", *sets, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
             "--json", str(tmp_path / "summary.json")]
 
@@ -37,7 +37,7 @@ def _poisoned_word() -> tuple[str, int]:
     """A word in some but not all of the run's training prompts, and in how many of them."""
     from actors.coordinator import PromptSource
     from ralign.config import load_config
-    from ralign.train_config import TrainConfig
+    from ralign.training.config import TrainConfig
 
     pool = PromptSource(load_config(TrainConfig, CONFIG)).pool
     words = sorted({w for p in pool for w in p.split() if len(w) > 3})

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from jobs.train import _open_run
 from ralign.config import ConfigError, load_config, parse_config, redact_credentials
-from ralign.train_config import TrainConfig
+from ralign.training.config import TrainConfig
 
 from .cli_runs import REPO
 

@@ -89,7 +89,7 @@ class Trajectory:
     stds: torch.Tensor  # (K,)
     timesteps: torch.Tensor  # (K,)
     images: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]
-    # Cross-attention maps of the steps asked for (ralign/attention_capture.py), no graph: per step {group: [maps]}.
+    # Cross-attention maps of the steps asked for (ralign/diffusion/attention_capture.py), no graph: per step {group: [maps]}.
     attention: list[dict[str, list[torch.Tensor]]] | None = None
 
     @property

@@ -17,8 +17,8 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from peft import LoraConfig
 
-from ralign.sampler import Trajectory, decode_latents, guided_noise, initial_noise, sample_chain
-from ralign.text_encoding import PlainEncoder, SegmentEncoder, interpolate_embeddings
+from ralign.diffusion.sampler import Trajectory, decode_latents, guided_noise, initial_noise, sample_chain
+from ralign.diffusion.text_encoding import PlainEncoder, SegmentEncoder, interpolate_embeddings
 
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -120,7 +120,7 @@ class DiffusionPolicy:
     def mix_text_encoder(self, state: dict[str, torch.Tensor], weight: float, source: str = "the checkpoint to mix") -> None:
         """Blend in another tuned text encoder (its `text_encoder.*` tensors from a checkpoint) with `weight`;
         `source` names the file in errors."""
-        from ralign.checkpoint_io import check_fits
+        from ralign.models.weights import check_fits
 
         if self.cfg.text_encoder != "full":
             raise ValueError("mixing tuned text encoders needs model.policy.text_encoder=full (whole-encoder checkpoints)")
@@ -192,7 +192,7 @@ class DiffusionPolicy:
         maps: list = []
         around = None
         if attention_steps:
-            from ralign.attention_capture import AttentionStore
+            from ralign.diffusion.attention_capture import AttentionStore
 
             if self.cfg.text_encoding != "plain":
                 raise ValueError("attention maps are recorded for the plain text encoding only (token positions of segments differ)")
@@ -255,7 +255,7 @@ class DiffusionPolicy:
         """Copy trainable tensors into the policy. `source` names the file they came from (errors name it, and its
         values must be finite); `complete` demands every trainable tensor of this policy (a checkpoint of the same
         policy holds them all: one missing would leave that tensor at its fresh initialisation without a word)."""
-        from ralign.checkpoint_io import check_fits
+        from ralign.models.weights import check_fits
 
         params = {f"unet.{n}": p for n, p in self.unet.named_parameters()}
         params.update({f"text_encoder.{n}": p for n, p in self.text_encoder.named_parameters()})
@@ -277,7 +277,7 @@ def build_policy(spec: dict) -> DiffusionPolicy:
     pipe = tiny_random_pipeline(int(spec.get("seed", 0))) if name == "tiny-random" else load_pipeline(name)
     policy = DiffusionPolicy(pipe, PolicyConfig(**spec.get("policy", {})))
     if spec.get("init_checkpoint"):
-        from ralign.checkpoint_io import read_safetensors
+        from ralign.models.weights import read_safetensors
 
         weights = Path(spec["init_checkpoint"]).expanduser() / "trainable.safetensors"
         if not weights.is_file():
@@ -294,7 +294,7 @@ def policy_from_checkpoint(directory: str | Path, device: str = "cpu", source: s
     MLflow URI when `directory` is its temporary download)."""
     import dataclasses
 
-    from ralign.checkpoint_io import CheckpointError, read_json, read_safetensors
+    from ralign.models.weights import CheckpointError, read_json, read_safetensors
 
     directory = Path(directory)
     label = source or str(directory)

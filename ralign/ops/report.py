@@ -23,8 +23,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ralign.model_registry import (LOWER_IS_BETTER, _client, _mlflow_message, _not_found, metric_direction, redact_uri,
-                                   resolve_tracking_uri)
+from ralign.ops.credentials import redact_credentials
+from ralign.ops.model_registry import LOWER_IS_BETTER, metric_direction
+from ralign.ops.tracking import is_not_found, mlflow_message, resolve_tracking_uri, tracking_client
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +38,13 @@ TIMING_KEYS = ("wait_s", "learn_s", "iteration_s")
 THROUGHPUT_KEYS = ("samples_per_s", "sampler_samples_per_s", "reward_samples_per_s", "learner_samples_per_s")
 OPTIM_KEYS = ("kl", "loss", "policy_loss", "grad_norm")
 
-_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@]+@")
 _ITERATION_DIR = re.compile(r"iteration_(\d+)$")
 _ROLLOUT_FILE = re.compile(r"rollouts_(\d+)\.png$")
 
 
-def scrub(text) -> str:
-    """`text` as a string with the user:password@ part of every URI in it replaced by ***@."""
-    return _CREDENTIALS.sub(r"\1***@", str(text))
-
-
 def _e(text) -> str:
     """Scrubbed and HTML-escaped: the only way run data reaches the page."""
-    return html.escape(scrub(text), quote=True)
+    return html.escape(redact_credentials(text), quote=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -64,9 +59,9 @@ def _get_run(client, run_id: str, uri: str):
     try:
         return client.get_run(run_id)
     except MlflowException as exc:
-        if _not_found(exc):
-            raise ValueError(f"no MLflow run {run_id} at {redact_uri(uri)}") from None
-        raise ValueError(f"cannot read run {run_id} at {redact_uri(uri)}: {_mlflow_message(exc)}") from None
+        if is_not_found(exc):
+            raise ValueError(f"no MLflow run {run_id} at {redact_credentials(uri)}") from None
+        raise ValueError(f"cannot read run {run_id} at {redact_credentials(uri)}: {mlflow_message(exc)}") from None
 
 
 def _histories(client, run_id: str, keys) -> dict[str, list[tuple[int, float]]]:
@@ -85,7 +80,7 @@ def _artifact_paths(client, run_id: str, path: str | None = None) -> list:
     try:
         return list(client.list_artifacts(run_id, path))
     except Exception as exc:  # noqa: BLE001 - an unreadable artefact store: the page says the section is missing
-        log.warning("cannot list artefacts %s of run %s: %s", path or "/", run_id, _mlflow_message(exc))
+        log.warning("cannot list artefacts %s of run %s: %s", path or "/", run_id, mlflow_message(exc))
         return []
 
 
@@ -98,7 +93,7 @@ def _download(client, run_id: str, path: str, dst: Path) -> Path | None:
             shutil.copyfile(local, dst)
         return dst
     except Exception as exc:  # noqa: BLE001 - a missing artefact is reported on the page, not raised
-        log.warning("cannot download %s of run %s: %s", path, run_id, _mlflow_message(exc))
+        log.warning("cannot download %s of run %s: %s", path, run_id, mlflow_message(exc))
         return None
 
 
@@ -502,12 +497,12 @@ def build_report(run_id: str, tracking_uri: str | None = None, out_dir: str | Pa
     of its index.html; unless `log_to_run` is False, also log the directory to the run as `report/`.
     Raises ValueError (one line) for a missing store or run, or an `out_dir` holding other files."""
     uri = resolve_tracking_uri(tracking_uri)
-    client = _client(uri)  # a RegistryError (ValueError) for a sqlite store that does not exist
+    client = tracking_client(uri)  # a RegistryError (ValueError) for a sqlite store that does not exist
     run = _get_run(client, run_id, uri)
     out = Path(out_dir) if out_dir is not None else Path("outputs") / "report" / run_id
     _prepare_out_dir(out)
     plots = out / "plots"
-    log.info("report of run %s at %s -> %s", run_id, redact_uri(uri), out)
+    log.info("report of run %s at %s -> %s", run_id, redact_credentials(uri), out)
 
     log.info("reading %d metric histories", len(run.data.metrics))
     h = _histories(client, run_id, run.data.metrics.keys())
@@ -550,7 +545,7 @@ def build_report(run_id: str, tracking_uri: str | None = None, out_dir: str | Pa
         ("iterations logged", f"{final_step} of {run.data.params.get('train.iterations', '?')}" if final_step is not None else "none"),
         ("started", _ms_to_text(info.start_time)), ("ended", _ms_to_text(info.end_time)),
         ("duration", _duration(info.start_time, info.end_time)),
-        ("tracking URI", redact_uri(uri)), ("artefact URI", redact_uri(info.artifact_uri or "")),
+        ("tracking URI", redact_credentials(uri)), ("artefact URI", redact_credentials(info.artifact_uri or "")),
     ]
     summary += [(k, v) for k, v in sorted(run.data.tags.items()) if k.startswith("ralign.") and k != "ralign.algorithm"]
     body.append("<h2>Summary</h2>" + _table(None, [[f"<th>{_e(k)}</th>", _e(v if v is not None else "–")] for k, v in summary]))

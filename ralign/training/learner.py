@@ -28,10 +28,10 @@ from ralign.algorithms.advantages import PerPromptNormalizer
 from ralign.algorithms.direct_backprop import DirectBackpropConfig, backprop_update, gradient_steps
 from ralign.algorithms.dpok import DPOKConfig, dpok_update
 from ralign.algorithms.refl import ReFLConfig, choose_late_step, prefix as refl_prefix, refl_update
-from ralign.distributed import active_dist
-from ralign.policy import DiffusionPolicy
-from ralign.sampler import Trajectory, initial_noise
-from ralign.train_config import GRADIENT_ALGORITHMS, TrainConfig
+from ralign.training.distributed import active_dist
+from ralign.diffusion.policy import DiffusionPolicy
+from ralign.diffusion.sampler import Trajectory, initial_noise
+from ralign.training.config import GRADIENT_ALGORITHMS, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def _ensure_process_group() -> None:
 
 class Learner:
     def __init__(self, cfg: TrainConfig, policy: DiffusionPolicy, reward=None):
-        from ralign.deepspeed_ops import configure_environment
+        from ralign.training.deepspeed_ops import configure_environment
 
         configure_environment()
         import deepspeed
@@ -375,15 +375,16 @@ class Learner:
             if hasattr(self.reward, "save_state"):  # a reward that trains alongside (CoMat's discriminator)
                 self.reward.save_state(directory)
             (directory / STATE_FILE).write_text(json.dumps(record))
-        from ralign.checkpoint_io import write_manifest
+        from ralign.training.checkpoint import write_manifest
 
-        # Last, so that a save cut short leaves no manifest and is refused on load (ralign/checkpoint_io.py).
+        # Last, so that a save cut short leaves no manifest and is refused on load (ralign/models/weights.py).
         write_manifest(directory, self.rank)
 
     def load(self, directory: str | Path) -> dict:
         """Restore a checkpoint written by `save`, after checking every file against its manifest; DeepSpeed's pickled
-        engine state is read with weights_only=True (ralign/checkpoint_io.py says why both)."""
-        from ralign.checkpoint_io import CheckpointError, read_json, read_safetensors, verify_manifest, weights_only_engine_loads
+        engine state is read with weights_only=True (ralign/models/weights.py says why both)."""
+        from ralign.models.weights import CheckpointError, read_json, read_safetensors
+        from ralign.training.checkpoint import verify_manifest, weights_only_engine_loads
 
         directory = Path(directory)
         verify_manifest(directory)

@@ -3,7 +3,7 @@
 `deepspeed.initialize` on CPU loads the shared-memory comm op (`ShareMemCommBuilder`), JIT-compiling it with g++
 on first use (about 40 s on an idle 2-core machine, ~14 min under load). Built inside a test or a training job that
 cost would land at a random moment, and a build killed by a timeout used to leave a lock that hung every later run.
-So the project builds it in its set-up step (scripts/_env.sh calls `python -m ralign.deepspeed_ops`), in a child
+So the project builds it in its set-up step (scripts/_env.sh calls `python -m ralign.training.deepspeed_ops`), in a child
 process with a time limit, into a cache directory outside the checkout that survives clean checkouts, like pip's
 cache. torch >= 2.14 guards the build directory with an OS advisory lock, which the kernel releases when a build
 process dies, so an interrupted build is simply redone.
@@ -44,7 +44,7 @@ def ensure_comm_op(timeout_s: float = 1800.0) -> float:
     """Build (or just load, when cached) the comm op in a child process; returns seconds taken."""
     configure_environment()
     start = time.time()
-    proc = subprocess.run([sys.executable, "-c", "from ralign.deepspeed_ops import _load_comm_op; _load_comm_op()"],
+    proc = subprocess.run([sys.executable, "-c", "from ralign.training.deepspeed_ops import _load_comm_op; _load_comm_op()"],
                           capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"building DeepSpeed's CPU comm op failed:\n{proc.stderr[-2000:]}")

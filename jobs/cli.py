@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from ralign.config import ConfigError
+from ralign.models import TOY_MODELS_DIR
 
 app = typer.Typer(help="Ray-distributed RL alignment of text-to-image diffusion models.", no_args_is_help=True, pretty_exceptions_enable=False)
 world_app = typer.Typer(help="The toy world: renderer, oracle, pretraining of the toy models.", no_args_is_help=True)
@@ -81,7 +82,7 @@ def world_oracle_check(
 
 @world_app.command("pretrain")
 def world_pretrain(
-    out: Annotated[Path, typer.Option(help="Where the toy models go.")] = Path(__file__).resolve().parent / "toy_models",
+    out: Annotated[Path, typer.Option(help="Where the toy models go.")] = TOY_MODELS_DIR,
     only: Annotated[str, typer.Option(help="Comma list of: t2i, reward_clip, preference, captioner, segmenter.")] = "t2i,reward_clip,preference,captioner,segmenter",
     scale: Annotated[float, typer.Option(min=0.001, help="Multiply every step count (e.g. 0.01 for a smoke run).")] = 1.0,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
@@ -113,7 +114,7 @@ def evaluate(
 ) -> None:
     """Generate images for held-out prompts, score them with the oracle, write per-family metrics and image grids."""
     _setup_logging()
-    from ralign.evaluation import evaluate_generator
+    from ralign.world.evaluation import evaluate_generator
     from ralign.models.pipeline import generate_images, load_pipeline
     from ralign.world.prompts import FAMILIES
 
@@ -148,9 +149,9 @@ def generate_command(
     truncate: Annotated[bool, typer.Option(help="Generate from prompts longer than the text encoding reads, cutting off the rest (default: refuse them).")] = False,
 ) -> None:
     """Generate images with the base model or a trained checkpoint, optionally interpolating text encoders."""
-    from ralign.prompt_input import check_prompt, check_token_budget, describe_lines, read_prompt_file
+    from ralign.ops.prompt_input import check_prompt, check_token_budget, describe_lines, read_prompt_file
 
-    # Every prompt is checked before a model is loaded or a file written (ralign/prompt_input.py).
+    # Every prompt is checked before a model is loaded or a file written (ralign/ops/prompt_input.py).
     sources = [check_prompt(p, f"--prompt {i}") for i, p in enumerate(prompt or [], 1)]
     if prompts_file is not None:
         from_file, blank = read_prompt_file(prompts_file)
@@ -171,9 +172,9 @@ def generate_command(
     _setup_logging()
     from PIL import Image
 
-    from ralign.checkpoint_io import read_safetensors
-    from ralign.evaluation import write_grid
-    from ralign.policy import DiffusionPolicy, PolicyConfig, policy_from_checkpoint
+    from ralign.models.weights import read_safetensors
+    from ralign.world.evaluation import write_grid
+    from ralign.diffusion.policy import DiffusionPolicy, PolicyConfig, policy_from_checkpoint
 
     prompts = [p.text for p in sources]
     overrides = {k: v for k, v in (("guidance", guidance), ("steps", steps)) if v is not None}
@@ -184,7 +185,7 @@ def generate_command(
 
         policy = DiffusionPolicy(load_pipeline(pipeline), PolicyConfig(unet_lora_rank=0, **overrides))
     else:
-        from ralign.model_registry import local_checkpoint
+        from ralign.ops.model_registry import local_checkpoint
 
         with local_checkpoint(checkpoint, tracking_uri) as local:  # an MLflow URI is downloaded to a temporary dir
             policy = policy_from_checkpoint(local, source=checkpoint, text_encoder_weight=text_encoder_weight, **overrides)
@@ -260,7 +261,7 @@ def train_command(
         refuse_credentials(tracking_uri, "--tracking-uri")  # the job logs the URI it writes to
     _setup_logging()
     from jobs.train import TrainingFailed, train
-    from ralign.train_config import TrainConfig
+    from ralign.training.config import TrainConfig
 
     # A resumed run uses the config it was started with (logged in MLflow); --set still applies on top of it.
     cfg = None if resume else load_config(TrainConfig, config, set_ or [])
@@ -291,7 +292,7 @@ def promote_command(
 ) -> None:
     """Register a run's checkpoint in the MLflow model registry; move the `champion` alias to it if it beats the
     current champion by the margin on the same eval set, else set `challenger` and say why."""
-    from ralign.model_registry import promote
+    from ralign.ops.model_registry import promote
 
     result = promote(run, name, metric=metric, margin=margin, direction=direction, tracking_uri=tracking_uri)
     if json_out is not None:
@@ -309,7 +310,7 @@ def k8s_render(
     image: Annotated[str, typer.Option(help="Image NAME:TAG (GPU configs' overlays use TAG-gpu).")] = "ghcr.io/ralign/ralign:0.1.0",
 ) -> None:
     """Render the KubeRay manifests (kustomize base + overlays) from the training and Serve configs."""
-    from ralign.k8s import DEFAULT_OVERLAYS, render_tree, write_tree
+    from ralign.ops.k8s import DEFAULT_OVERLAYS, render_tree, write_tree
 
     overlays = dict(DEFAULT_OVERLAYS)
     if overlay:
@@ -329,7 +330,7 @@ def k8s_validate(
     crds: Annotated[Optional[Path], typer.Option(help="KubeRay v1.7.0 CRD directory (default: $RALIGN_KUBERAY_CRDS or ../shared/kuberay-crds).")] = None,
 ) -> None:
     """Check every manifest and every overlay's build: KubeRay CRD schemas, Kubernetes schemas, the project's rules."""
-    from ralign.k8s import validate_tree
+    from ralign.ops.k8s import validate_tree
 
     checked = validate_tree(root, crds)
     typer.echo("\n".join(checked + [f"{len(checked)} objects valid"]))
@@ -421,7 +422,7 @@ def serve_cmd(
     import ray
 
     from ralign.config import load_config
-    from ralign.serve_config import ServeConfig
+    from ralign.ops.serve_config import ServeConfig
 
     cfg = load_config(ServeConfig, config)
     cfg.validate_with_ray()
@@ -523,7 +524,7 @@ def report_cmd(
     """An HTML page (and PNGs) of a run: reward, KL, oracle metrics, timings, image grids start -> end."""
     _setup_logging()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # report.py logs one line per download
-    from ralign.report import build_report
+    from ralign.ops.report import build_report
 
     index = build_report(run_id, tracking_uri=tracking_uri, out_dir=out, log_to_run=not no_log)
     typer.echo(f"wrote {index}" + ("" if no_log else f" (also logged to run {run_id} as report/)"))

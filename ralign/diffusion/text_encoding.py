@@ -157,3 +157,11 @@ def interpolate_embeddings(original: torch.Tensor, tuned: Sequence[tuple[float, 
             raise ValueError(f"embeddings to interpolate differ in shape: {tuple(e.shape)} vs {tuple(original.shape)}")
         out = out + w * e
     return out
+
+
+def token_offsets(tokenizer, prompt: str) -> list[tuple[int, int]]:
+    """Character span of each position of the text encoder's (truncated) token sequence; (0, 0) for special tokens.
+    Computed where the tokenizer lives (a sampler) and shipped with the attention maps, so a reward actor needs no
+    tokenizer of its own."""
+    enc = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length, return_offsets_mapping=True)
+    return [(int(a), int(b)) for a, b in enc["offset_mapping"]]

@@ -100,14 +100,6 @@ def parse_entities(prompt: str, parser: str = "auto") -> list[Entity]:
     return _spacy_entities(nlp, prompt) if nlp is not None else _fallback_entities(prompt)
 
 
-def token_offsets(tokenizer, prompt: str) -> list[tuple[int, int]]:
-    """Character span of each position of the text encoder's (truncated) token sequence; (0, 0) for special tokens.
-    Computed where the tokenizer lives (a sampler) and shipped with the attention maps, so a reward actor needs no
-    tokenizer of its own."""
-    enc = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length, return_offsets_mapping=True)
-    return [(int(a), int(b)) for a, b in enc["offset_mapping"]]
-
-
 def entity_positions(offsets: Sequence[tuple[int, int]], entities: list[Entity]) -> list[list[int]]:
     """For each entity, the token positions whose characters overlap the entity's words. Words cut off by truncation
     have no tokens; an entity can end up with none."""
@@ -116,4 +108,6 @@ def entity_positions(offsets: Sequence[tuple[int, int]], entities: list[Entity])
 
 def entity_token_indices(tokenizer, prompt: str, entities: list[Entity]) -> list[list[int]]:
     """`entity_positions` of the prompt's tokenisation by `tokenizer`."""
+    from ralign.diffusion.text_encoding import token_offsets
+
     return entity_positions(token_offsets(tokenizer, prompt), entities)

@@ -46,7 +46,7 @@ class ModelSection(StrictModel):
         return str(Path(value).expanduser().resolve()) if value else value
 
     def policy_spec(self, seed: int) -> dict:
-        """What `ralign.policy.build_policy` needs; also written into every checkpoint, so one loads on its own."""
+        """What `ralign.diffusion.policy.build_policy` needs; also written into every checkpoint, so one loads on its own."""
         return {"pipeline": self.pipeline, "seed": seed, "policy": self.policy.model_dump(), "init_checkpoint": self.init_checkpoint}
 
 
@@ -175,7 +175,7 @@ class TrackingSection(StrictModel):
     def _no_credentials(cls, uri: str) -> str:
         # The config is logged as run params and config.yaml: a password or token in the URI would be stored with
         # every run. One rule for what counts as credentials: the one that redacts them.
-        from ralign.config import redact_credentials
+        from ralign.ops.credentials import redact_credentials
 
         if redact_credentials(uri) != uri:
             raise ValueError("holds credentials (user:password@ or token@); set MLFLOW_TRACKING_USERNAME / "

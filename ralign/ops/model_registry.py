@@ -28,12 +28,12 @@ from typing import Iterator
 
 import yaml
 
-from ralign.config import redact_credentials
+from ralign.ops.credentials import redact_credentials
+from ralign.ops.tracking import DEFAULT_TRACKING_URI, TrackingError, is_not_found, mlflow_message, resolve_tracking_uri, tracking_client
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILES = ("trainable.safetensors", "learner_state.json")
 CHAMPION, CHALLENGER = "champion", "challenger"
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # `ralign train`'s default store
 DEFAULT_METRIC = "overall.all_correct"
 LOWER_IS_BETTER = ("artifact_rate", "kid", "off_palette_fraction")
 MAX_METRIC_TAGS = 64
@@ -43,7 +43,7 @@ METRIC_TAG = TAG + "oracle."  # + a metric path of oracle_after.json, e.g. ralig
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-class RegistryError(ValueError):
+class RegistryError(TrackingError):
     """A registry problem the user can fix (no such run / model / alias, run not finished, ...); one line."""
 
 
@@ -81,36 +81,8 @@ class PromotionResult:
 # URIs and clients
 # ---------------------------------------------------------------------------------------------------------------
 
-def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
-    """--tracking-uri, else MLFLOW_TRACKING_URI, else `ralign train`'s default store."""
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def redact_uri(uri: str) -> str:
-    """The URI without a user:password@ part (for messages and JSON; never store a URI in tags)."""
-    return redact_credentials(uri)
-
-
 def _client(tracking_uri: str):
-    from mlflow.tracking import MlflowClient
-
-    if tracking_uri.startswith("sqlite:///"):  # MLflow would silently create an empty store (e.g. ./mlflow.db)
-        db = Path(tracking_uri.removeprefix("sqlite:///"))
-        if not db.is_file():
-            raise RegistryError(f"no MLflow store at {tracking_uri} ({db.resolve()} does not exist); "
-                                "pass --tracking-uri or set MLFLOW_TRACKING_URI")
-
-    # Credentials for a server come from MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN, read by MLflow itself.
-    return MlflowClient(tracking_uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri)
-
-
-def _mlflow_message(exc: Exception) -> str:
-    text = getattr(exc, "message", None) or str(exc)
-    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-
-
-def _not_found(exc: Exception) -> bool:
-    return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+    return tracking_client(tracking_uri, RegistryError)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -208,9 +180,9 @@ def _read_run(client, run_id: str, uri: str) -> tuple[object, dict, dict]:
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
-        if _not_found(exc):
-            raise RegistryError(f"no MLflow run {run_id} at {redact_uri(uri)}") from None
-        raise RegistryError(f"cannot read run {run_id}: {_mlflow_message(exc)}") from None
+        if is_not_found(exc):
+            raise RegistryError(f"no MLflow run {run_id} at {redact_credentials(uri)}") from None
+        raise RegistryError(f"cannot read run {run_id}: {mlflow_message(exc)}") from None
     if run.info.status != "FINISHED":
         raise RegistryError(f"run {run_id} is {run.info.status}, not FINISHED: only a finished run can be promoted")
     present = {Path(f.path).name for f in client.list_artifacts(run_id, CHECKPOINT_DIR)}
@@ -256,15 +228,15 @@ def _registered_model(client, name: str, create: bool):
     try:
         return client.get_registered_model(name)
     except MlflowException as exc:
-        if not _not_found(exc):
-            raise RegistryError(f"cannot read registered model {name!r}: {_mlflow_message(exc)}") from None
+        if not is_not_found(exc):
+            raise RegistryError(f"cannot read registered model {name!r}: {mlflow_message(exc)}") from None
     if not create:
         return None
     try:
         client.create_registered_model(name, description="ralign checkpoints (see `ralign promote`)")
     except MlflowException as exc:
         if getattr(exc, "error_code", None) != "RESOURCE_ALREADY_EXISTS":  # created concurrently: fine
-            raise RegistryError(f"cannot create registered model {name!r}: {_mlflow_message(exc)}") from None
+            raise RegistryError(f"cannot create registered model {name!r}: {mlflow_message(exc)}") from None
     return client.get_registered_model(name)
 
 
@@ -321,7 +293,7 @@ def promote(run_id: str, name: str, metric: str | None = None, margin: float = 0
         rm = client.get_registered_model(name)
         champion = client.get_model_version_by_alias(name, CHAMPION) if CHAMPION in rm.aliases else None
     except MlflowException as exc:
-        raise RegistryError(f"registering run {run_id} as {name!r} failed: {_mlflow_message(exc)}") from None
+        raise RegistryError(f"registering run {run_id} as {name!r} failed: {mlflow_message(exc)}") from None
     v = str(version.version)
     eval_digest = version.tags.get(TAG + "eval_digest", tags[TAG + "eval_digest"])
     eval_set = version.tags.get(TAG + "eval_set", tags[TAG + "eval_set"])
@@ -361,10 +333,10 @@ def promote(run_id: str, name: str, metric: str | None = None, margin: float = 0
         if action != "unchanged":
             client.set_model_version_tag(name, v, TAG + "promotion", f"{action}: {reason}"[:4000])
     except MlflowException as exc:
-        raise RegistryError(f"setting the {action} alias on {name} v{v} failed: {_mlflow_message(exc)}") from None
+        raise RegistryError(f"setting the {action} alias on {name} v{v} failed: {mlflow_message(exc)}") from None
     return PromotionResult(name=name, version=v, run_id=run_id, action=action, reason=reason, metric=metric,
                            direction=direction, margin=margin, value=value, champion_before=champ_v,
-                           champion_value=champ_value, new_version=new, eval_set=eval_set, tracking_uri=redact_uri(uri))
+                           champion_value=champ_value, new_version=new, eval_set=eval_set, tracking_uri=redact_credentials(uri))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -391,9 +363,9 @@ def _model_version_source(client, ref: str, uri: str) -> str:
     try:
         rm = client.get_registered_model(name)
     except MlflowException as exc:
-        if _not_found(exc):
-            raise RegistryError(f"{ref}: no registered model {name!r} at {redact_uri(uri)}") from None
-        raise RegistryError(f"{ref}: {_mlflow_message(exc)}") from None
+        if is_not_found(exc):
+            raise RegistryError(f"{ref}: no registered model {name!r} at {redact_credentials(uri)}") from None
+        raise RegistryError(f"{ref}: {mlflow_message(exc)}") from None
     if alias is not None:
         if alias not in rm.aliases:
             known = ", ".join(f"{a} -> v{v}" for a, v in sorted(rm.aliases.items())) or "none"
@@ -403,9 +375,9 @@ def _model_version_source(client, ref: str, uri: str) -> str:
         client.get_model_version(name, version)
         return client.get_model_version_download_uri(name, version)
     except MlflowException as exc:
-        if _not_found(exc):
+        if is_not_found(exc):
             raise RegistryError(f"{ref}: registered model {name!r} has no version {version}") from None
-        raise RegistryError(f"{ref}: {_mlflow_message(exc)}") from None
+        raise RegistryError(f"{ref}: {mlflow_message(exc)}") from None
 
 
 def download_checkpoint(ref: str, dst: str | Path, tracking_uri: str | None = None) -> Path:
@@ -431,9 +403,9 @@ def download_checkpoint(ref: str, dst: str | Path, tracking_uri: str | None = No
                 local = mlflow.artifacts.download_artifacts(artifact_uri=f"{source.rstrip('/')}/{fname}", dst_path=str(dst),
                                                             tracking_uri=uri)
         except MlflowException as exc:
-            if _not_found(exc) or "not found" in _mlflow_message(exc).lower() or "No such file" in str(exc):
+            if is_not_found(exc) or "not found" in mlflow_message(exc).lower() or "No such file" in str(exc):
                 raise RegistryError(f"{ref} is not a ralign checkpoint (or does not exist): {fname} not found at {source}") from None
-            raise RegistryError(f"{ref}: download failed: {_mlflow_message(exc)}") from None
+            raise RegistryError(f"{ref}: download failed: {mlflow_message(exc)}") from None
         except OSError as exc:
             raise RegistryError(f"{ref} is not a ralign checkpoint (or does not exist): {fname}: {exc.strerror or exc}") from None
         if Path(local).resolve() != (dst / fname).resolve():  # keep the flat layout policy_from_checkpoint expects

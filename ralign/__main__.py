@@ -1,3 +1,0 @@
-from ralign.cli import main
-
-main()

@@ -1,0 +1,1 @@
+"""The learner side: the training config, the DeepSpeed learner, its checkpoints and collectives."""
