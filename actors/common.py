@@ -35,3 +35,12 @@ def weights_from_transfer(state: dict) -> dict[str, torch.Tensor]:
 
 
 _NUMPY_DTYPES = {torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.uint8, torch.bool}
+
+
+def one_line_error(exc: BaseException) -> str:
+    """The innermost cause of a (Ray-wrapped) error as one line: its type and the last line of its message."""
+    cause = getattr(exc, "cause", None) or exc.__cause__
+    if isinstance(cause, BaseException) and cause is not exc:
+        return one_line_error(cause)
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{exc.__class__.__name__}: {lines[-1] if lines else ''}"

@@ -24,26 +24,13 @@ import ray.train
 import torch
 
 from ralign.ops.tracking import RunLogger
-from ralign.training.learner import Learner, LearnerBatch
-from ralign.training.config import GRADIENT_ALGORITHMS, TrainConfig
+from ralign.algorithms.registry import algorithm_class
+from ralign.diffusion.seeding import seed_lora_init
+from ralign.rollout.batch import Chains
+from ralign.training.config import TrainConfig
+from ralign.training.learner import Learner
 
 log = logging.getLogger(__name__)
-
-
-def to_learner_batch(data: dict) -> LearnerBatch:
-    if data["kind"] == "full":
-        return LearnerBatch(
-            prompts=data["prompts"], seeds=data["seeds"], versions=data["versions"],
-            latents=torch.from_numpy(np.ascontiguousarray(data["latents"])),
-            log_probs=torch.from_numpy(np.ascontiguousarray(data["log_probs"])),
-            timesteps=torch.from_numpy(np.ascontiguousarray(data["timesteps"])),
-            scores=torch.from_numpy(np.ascontiguousarray(data["scores"])),
-        )
-    return LearnerBatch(
-        prompts=data["prompts"], seeds=data["seeds"], versions=data["versions"], ids=list(data["ids"]),
-        start_latents=torch.from_numpy(np.ascontiguousarray(data["latents"])),
-        plans=[(int(s), list(g), int(n)) for s, g, n in data["plans"]],
-    )
 
 
 def evaluate_policy(policy, cfg: TrainConfig, out_dir: Path) -> dict:
@@ -67,10 +54,10 @@ def _oracle_metrics(report: dict, prefix: str) -> dict[str, float]:
     return out
 
 
-def _save_batch_grid(data: dict, path: Path) -> None:
+def _save_batch_grid(batch: Chains, path: Path) -> None:
     from ralign.world.evaluation import write_grid
 
-    write_grid(path, data["prompts"], list(data["images"]), max_images=16)
+    write_grid(path, batch.prompts, list(batch.images), max_images=16)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -86,13 +73,12 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.set_num_threads(cfg.ray.learner_threads or cfg.ray.threads_per_actor)
-    torch.manual_seed(0)  # the same LoRA initialisation as the sampler actors
+    seed_lora_init()  # the same LoRA initialisation as the sampler actors
     from actors.common import actor_device, weights_for_transfer
 
     device = actor_device(cfg.ray.use_gpu)
     policy = build_policy({**cfg.policy_spec(), "device": device})
-    reward_spec = {"name": cfg.reward.name, **cfg.reward.options, "device": device}
-    reward = build_reward(reward_spec) if cfg.algorithm.name in GRADIENT_ALGORITHMS else None
+    reward = build_reward(cfg.reward.spec(device)) if algorithm_class(cfg.algorithm.name).reward_in_learner else None
     expected, mine = ray.get(coordinator.base_fingerprint.remote()), policy.base_fingerprint()
     if mine != expected:
         raise RuntimeError(
@@ -129,9 +115,9 @@ def train_loop_per_worker(config: dict) -> None:
     for it in range(start_iteration, cfg.train.iterations):
         step = it + 1
         t0 = time.perf_counter()
-        data = ray.get(coordinator.take.remote(cfg.train.batch_size, learner.policy.version))
+        batch = ray.get(coordinator.take.remote(cfg.train.batch_size, learner.policy.version))
         t1 = time.perf_counter()
-        stats = learner.update(to_learner_batch(data))
+        stats = learner.update(batch)
         t2 = time.perf_counter()
         if rank == 0:
             coordinator.publish.remote(weights_for_transfer(learner.trainable_state()), learner.policy.version,
@@ -153,17 +139,17 @@ def train_loop_per_worker(config: dict) -> None:
             stats["learner_samples_per_s"] = cfg.train.batch_size * learner.world_size / max(1e-9, t2 - t1)
             last = step == cfg.train.iterations
             stats.update(ray.get(coordinator.metric_rollouts.remote(wait_s=cfg.ray.metric_wait_s if last else 0.0)))
-            if data["kind"] == "full":
-                for key, values in data["components"].items():
+            if isinstance(batch, Chains):
+                for key, values in batch.components.items():
                     stats[f"reward/{key}"] = float(np.mean(values))
             logger.metrics(stats, step=step)
             logger.quarantined(ray.get(coordinator.quarantine_records.remote()))
         quarantined_in_update = learner.take_quarantined()  # every rank takes part (a gather)
         if rank == 0:
             logger.quarantined(quarantined_in_update)
-            if cfg.tracking.log_images_every and data.get("images") is not None and step % cfg.tracking.log_images_every == 0:
+            if cfg.tracking.log_images_every and isinstance(batch, Chains) and batch.images is not None and step % cfg.tracking.log_images_every == 0:
                 with tempfile.TemporaryDirectory() as tmp:
-                    _save_batch_grid(data, Path(tmp) / f"rollouts_{step:04d}.png")
+                    _save_batch_grid(batch, Path(tmp) / f"rollouts_{step:04d}.png")
                     logger.artifacts(tmp, "rollouts")
             coordinator.report.remote({"iteration": step, "of": cfg.train.iterations, "reward_mean": stats.get("reward_mean"),
                                        "kl": stats.get("kl"), "loss": stats.get("loss", stats.get("policy_loss"))})

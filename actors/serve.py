@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from ralign.rewards.base import RewardOutput
+from ralign.rewards.base import Reward, RewardOutput
 from ralign.ops.serve_config import HttpSection, RewardDeployment, ServeConfig
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ def replica_counts() -> dict[str, int]:
     return out
 
 
-class ServedReward:
+class ServedReward(Reward):
     """A reward object backed by a running reward application (same scores, same components), for reward actors
     whose training config names `reward.deployment`. Synchronous: reward actors are plain (non-async) actors."""
 
@@ -226,7 +226,7 @@ class ServedReward:
         self.handle = serve.get_app_handle(app_name)
         self.app_name, self.timeout_s, self.retries = app_name, timeout_s, retries
         served = self.handle.describe.remote().result(timeout_s=timeout_s)["reward"]
-        self.name = served.get("name", app_name)
+        self.name = served.get("name", app_name)  # this instance's name: the served reward's
         if expected_reward is not None and self.name != expected_reward:
             raise ValueError(f"reward application {app_name!r} serves {self.name!r}, but the config's reward.name is {expected_reward!r}")
 

@@ -1,5 +1,6 @@
-"""The `ralign` command line. Each verb is a thin wrapper over a library function; errors a user can fix are printed
-as one line (`error: ...`) with exit code 2, never as a traceback."""
+"""The `ralign` command line. Each verb is a thin wrapper over a library function. Errors a user can fix (a config, an
+input, a path, a checkpoint: `ralign.config.UserError` and its kinds) are printed as one line (`error: ...`) with
+exit code 2; anything else is a bug and shows its traceback."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ralign.config import ConfigError
+from ralign.config import UserError
 from ralign.models import TOY_MODELS_DIR
 
 app = typer.Typer(help="Ray-distributed RL alignment of text-to-image diffusion models.", no_args_is_help=True, pretty_exceptions_enable=False)
@@ -20,10 +21,6 @@ world_app = typer.Typer(help="The toy world: renderer, oracle, pretraining of th
 app.add_typer(world_app, name="world")
 k8s_app = typer.Typer(help="KubeRay manifests (RayJob for training, RayService for the reward servers): render, validate.", no_args_is_help=True)
 app.add_typer(k8s_app, name="k8s")
-
-
-class UserError(RuntimeError):
-    """Anything the user can fix (bad path, bad value); printed as one line."""
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -215,7 +212,8 @@ def sft_command(
     """Supervised fine-tuning stage (LongAlign stage 1): denoising loss with the policy's text encoding; writes a
     checkpoint that a training config starts from with model.init_checkpoint."""
     _setup_logging()
-    from jobs.sft import SFTConfig, run_sft
+    from jobs.sft import run_sft
+    from ralign.training.config import SFTConfig
     from ralign.config import load_config
 
     result = run_sft(load_config(SFTConfig, config, set_ or []))
@@ -535,11 +533,9 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # A progress bar per downloaded checkpoint file would bury a command's one-line answer.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from ralign.models import ModelLoadError
-
     try:
         app()
-    except (ConfigError, UserError, ModelLoadError, ValueError, FileNotFoundError) as exc:
+    except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
 

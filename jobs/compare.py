@@ -18,7 +18,7 @@ import platform
 import time
 from pathlib import Path
 
-from ralign.config import load_config
+from ralign.config import ConfigError, UserError, load_config
 from ralign.training.config import TrainConfig
 from ralign.world.prompts import FAMILIES
 
@@ -189,7 +189,7 @@ def compare(methods: list[str], out_dir: Path, json_out: Path, n_per_family: int
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; expected some of {list(METHODS)}")
+        raise UserError(f"unknown method(s) {unknown}; expected some of {list(METHODS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {"machine": machine(), "n_per_family": n_per_family, "split": "test", "rows": {}}
     if json_out.is_file():
@@ -205,12 +205,13 @@ def compare(methods: list[str], out_dir: Path, json_out: Path, n_per_family: int
         log.info("compare: %s ...", method)
         start = time.time()
         if method in PRE_STAGES:
-            from jobs.sft import SFTConfig, run_sft
+            from jobs.sft import run_sft
+            from ralign.training.config import SFTConfig
 
             sft_cfg = load_config(SFTConfig, CONFIG_DIR / PRE_STAGES[method], [f"tracking.run_name=compare-{method}-sft"] +
                                   ([f"tracking.tracking_uri={tracking_uri}"] if tracking_uri else []))
             if Path(sft_cfg.out).resolve() != Path(cfg.model.init_checkpoint):
-                raise ValueError(f"{PRE_STAGES[method]} writes {sft_cfg.out} but {METHODS[method]} starts from {cfg.model.init_checkpoint}")
+                raise ConfigError(f"{PRE_STAGES[method]} writes {sft_cfg.out} but {METHODS[method]} starts from {cfg.model.init_checkpoint}")
             run_sft(sft_cfg)
         if cfg is None:
             report, summary = evaluate_base(n_per_family, out_dir), None

@@ -14,35 +14,14 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field
 from safetensors.torch import save_file
 
-from ralign.config import StrictModel
-from ralign.training.config import ModelSection, TrackingSection
+from ralign.config import ConfigError
+from ralign.training.config import SFTConfig
 
 log = logging.getLogger(__name__)
-
-
-class SFTConfig(StrictModel):
-    model: ModelSection = ModelSection()
-    families: list[Literal["single", "binding", "counting", "spatial", "size", "long"]] = ["long", "single", "binding", "counting", "spatial", "size"]
-    family_weights: list[float] | None = None  # default: equal
-    split: Literal["train", "all"] = "train"
-    steps: int = Field(600, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
-    grad_clip: float = Field(1.0, gt=0.0)
-    caption_dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    seed: int = 0
-    out: str = "runs/sft"
-    log_every: int = Field(50, ge=1)
-    tracking: TrackingSection = TrackingSection()
-
-    def policy_spec(self) -> dict:
-        return self.model.policy_spec(self.seed)
 
 
 def run_sft(cfg: SFTConfig) -> dict:
@@ -54,12 +33,12 @@ def run_sft(cfg: SFTConfig) -> dict:
     from ralign.world.data import render_samples, sample_stream
 
     if cfg.family_weights is not None and len(cfg.family_weights) != len(cfg.families):
-        raise ValueError(f"family_weights has {len(cfg.family_weights)} entries for {len(cfg.families)} families")
+        raise ConfigError(f"family_weights has {len(cfg.family_weights)} entries for {len(cfg.families)} families")
     torch.manual_seed(cfg.seed)
     policy = build_policy(cfg.policy_spec())
     params = policy.trainable_parameters()
     if not params:
-        raise ValueError("nothing to train: model.policy has no LoRA rank and a frozen text encoder")
+        raise ConfigError("nothing to train: model.policy has no LoRA rank and a frozen text encoder")
     noise_scheduler = DDPMScheduler.from_config(policy.scheduler.config)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     stream = sample_stream(cfg.batch_size, seed=cfg.seed + 17, split=cfg.split, families=cfg.families, family_weights=cfg.family_weights)

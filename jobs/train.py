@@ -242,7 +242,7 @@ class TrainingFailed(RuntimeError):
 
 def training_failure(exc: BaseException) -> str:
     """Why a run failed, in one line: Ray Train wraps a worker's error (which may itself wrap the coordinator's)."""
-    from actors.rollout import one_line_error
+    from actors.common import one_line_error
 
     failures = getattr(exc, "worker_failures", None)
     if isinstance(failures, dict) and failures:

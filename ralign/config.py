@@ -17,7 +17,16 @@ from ralign.ops.credentials import has_credentials, redact_credentials
 T = TypeVar("T", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Something the user can fix (a config, an input, a path, a checkpoint), phrased for a person in one line: the
+    CLI prints it as `error: ...` with exit code 2. Anything else is a bug and shows its traceback."""
+
+
+class MissingPathError(UserError, FileNotFoundError):
+    """A file or directory the user named (or a stage should have written) is not there."""
+
+
+class ConfigError(UserError):
     """A config problem, phrased for a person: one line, naming the key."""
 
 

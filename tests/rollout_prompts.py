@@ -7,11 +7,18 @@ PROMPTS = ["a red circle", "two blue squares", "a green triangle above a yellow 
 
 
 class PromptCycle:
-    def __init__(self):
-        self.i = 0
+    def __call__(self, first_id, n):
+        ids = range(first_id, first_id + n)
+        return [PROMPTS[i % len(PROMPTS)] for i in ids], list(ids)
 
-    def __call__(self, n):
-        prompts = [PROMPTS[(self.i + k) % len(PROMPTS)] for k in range(n)]
-        seeds = list(range(self.i, self.i + n))
-        self.i += n
-        return prompts, seeds
+
+def pipeline_config(**ray):
+    """A training config holding the pipeline's bounds (`ray.*`), for pipelines built by hand; `max_bad_fraction`
+    and `min_samples` set the bad-reward limit (train.max_bad_reward_fraction, after train.batch_size samples)."""
+    from ralign.config import parse_config
+    from ralign.training.config import TrainConfig
+
+    train = {"max_bad_reward_fraction": ray.pop("max_bad_fraction", 1.0)}
+    if "min_samples" in ray:
+        train.update(batch_size=ray.pop("min_samples"), micro_batch=1)
+    return parse_config(TrainConfig, {"reward": {"name": "colorfulness"}, "ray": ray, "train": train})

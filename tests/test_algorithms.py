@@ -8,15 +8,18 @@ import pytest
 import torch
 
 from ralign.algorithms.advantages import PerPromptNormalizer
-from ralign.algorithms.direct_backprop import DirectBackpropConfig, backprop_update, gradient_steps
-from ralign.algorithms.dpok import DPOKConfig, dpok_step_loss, dpok_update
-from ralign.algorithms.refl import ReFLConfig, choose_late_step, prefix, refl_loss, refl_update
+from ralign.algorithms.alignprop import alignprop_steps
+from ralign.algorithms.backprop_chain import BackpropSettings, backprop_update
+from ralign.algorithms.dpok import DPOKSettings, dpok_step_loss, dpok_update
+from ralign.algorithms.draft import draft_steps
+from ralign.algorithms.interval import interval_steps
+from ralign.algorithms.refl import ReFLSettings, choose_late_step, prefix, refl_loss, refl_update
 from ralign.models.toy_t2i import tiny_random_pipeline
 from ralign.diffusion.policy import DiffusionPolicy, PolicyConfig
-from ralign.rewards.base import RewardOutput
+from ralign.rewards.base import Reward, RewardOutput
 
 
-class Redness:
+class Redness(Reward):
     """A real differentiable reward for tests: mean red minus mean blue of the image."""
 
     name, differentiable = "redness", True
@@ -36,7 +39,7 @@ def make_policy(**kw) -> DiffusionPolicy:
 
 
 def test_dpok_loss_hand_values():
-    cfg = DPOKConfig(alpha=2.0, beta=0.5, clip_range=0.2)
+    cfg = DPOKSettings(alpha=2.0, beta=0.5, clip_range=0.2)
     logp_old = torch.tensor([0.0, 0.0])
     logp_new = torch.tensor([math.log(1.5), math.log(0.5)])
     adv = torch.tensor([1.0, -1.0])
@@ -54,7 +57,7 @@ def test_dpok_loss_hand_values():
 def test_dpok_on_policy_gradient_is_reward_weighted_logprob_gradient():
     logp = torch.tensor([0.3, -0.2], requires_grad=True)
     adv = torch.tensor([2.0, -1.0])
-    loss, _ = dpok_step_loss(logp, logp.detach(), adv, torch.zeros(2, 1), torch.zeros(2, 1), torch.tensor(1.0), DPOKConfig(beta=0.0))
+    loss, _ = dpok_step_loss(logp, logp.detach(), adv, torch.zeros(2, 1), torch.zeros(2, 1), torch.tensor(1.0), DPOKSettings(beta=0.0))
     loss.backward()
     assert torch.allclose(logp.grad, -adv / 2)  # d/dlogp of -A * exp(logp - logp_old) at ratio 1, batch mean
 
@@ -66,15 +69,15 @@ def test_refl_loss_hand_values():
 
 def test_gradient_step_schedules():
     g = torch.Generator().manual_seed(0)
-    assert gradient_steps(50, DirectBackpropConfig(mode="draft", k=3)) == [47, 48, 49]
-    steps = gradient_steps(50, DirectBackpropConfig(mode="interval", interval=10), g)
+    assert draft_steps(50, 3) == [47, 48, 49]
+    steps = interval_steps(50, 10, g)
     assert len(steps) == 5 and all(b - a == 10 for a, b in zip(steps, steps[1:])) and steps[0] < 10
     for _ in range(5):
-        s = gradient_steps(50, DirectBackpropConfig(mode="alignprop", k=5), g)
+        s = alignprop_steps(50, 5, g)
         assert 1 <= len(s) <= 5 and s[-1] == 49
     with pytest.raises(ValueError):
-        gradient_steps(4, DirectBackpropConfig(mode="draft", k=5))
-    assert 15 <= choose_late_step(20, ReFLConfig(late_step_min=0, late_step_max=5)) < 20
+        draft_steps(4, 5)
+    assert 15 <= choose_late_step(20, ReFLSettings(late_step_min=0, late_step_max=5)) < 20
 
 
 def test_per_prompt_normalizer():
@@ -99,7 +102,7 @@ def test_reference_equals_base_model_bit_for_bit():
 def test_dpok_update_gives_lora_gradients_and_logprob_consistency():
     policy = make_policy()
     traj = policy.sample(["a red circle", "a blue square"], [1, 2], decode=False)
-    stats = dpok_update(policy, traj, torch.tensor([1.0, -1.0]), DPOKConfig())
+    stats = dpok_update(policy, traj, torch.tensor([1.0, -1.0]), DPOKSettings())
     assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-4)  # on-policy: recomputed log-probs match the sampler's
     assert stats["kl"] > 0
     grads = [p.grad for p in policy.trainable_parameters()]
@@ -111,7 +114,7 @@ def test_refl_prefix_and_update():
     prompts, seeds = ["a red circle"], [5]
     lat = prefix(policy, prompts, seeds, stop_step=3)
     assert lat.shape == (1, 4, 8, 8) and not lat.requires_grad
-    stats = refl_update(policy, prompts, lat, 3, Redness(), ReFLConfig(lam=10.0))
+    stats = refl_update(policy, prompts, lat, 3, Redness(), ReFLSettings(lam=10.0))
     assert stats["loss"] > 0 and "reward/red" in stats
     assert sum(p.grad.abs().sum() for p in policy.trainable_parameters()) > 0
 
@@ -119,15 +122,16 @@ def test_refl_prefix_and_update():
 @pytest.mark.parametrize("mode", ["draft", "interval", "alignprop"])
 def test_backprop_update_reaches_lora(mode):
     policy = make_policy()
-    cfg = DirectBackpropConfig(mode=mode, k=2, interval=2)
-    stats = backprop_update(policy, ["a red circle", "a blue square"], [1, 2], Redness(), cfg, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    steps = {"draft": draft_steps(4, 2), "interval": interval_steps(4, 2, g), "alignprop": alignprop_steps(4, 2, g)}[mode]
+    stats = backprop_update(policy, ["a red circle", "a blue square"], [1, 2], Redness(), BackpropSettings(k=2, interval=2), steps, generator=g)
     assert math.isfinite(stats["loss"])
     assert sum(p.grad.abs().sum() for p in policy.trainable_parameters()) > 0
 
 
 def test_text_encoder_training_through_backprop():
     policy = DiffusionPolicy(tiny_random_pipeline(), PolicyConfig(unet_lora_rank=0, text_encoder="full", steps=4))
-    backprop_update(policy, ["a red circle"], [1], Redness(), DirectBackpropConfig(mode="draft", k=2))
+    backprop_update(policy, ["a red circle"], [1], Redness(), BackpropSettings(k=2), draft_steps(4, 2))
     grads = [p.grad for p in policy.text_encoder.parameters() if p.grad is not None]
     assert grads and sum(g.abs().sum() for g in grads) > 0
     assert all(p.grad is None for p in policy.original_text_encoder.parameters())

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from ralign.algorithms.direct_backprop import DirectBackpropConfig, backprop_update, frozen_model_latents
+from ralign.algorithms.backprop_chain import BackpropSettings, backprop_update, frozen_model_latents
+from ralign.algorithms.draft import draft_steps
+from ralign.algorithms.interval import interval_steps
 from ralign.diffusion.attention_capture import AttentionStore
 from ralign.models.toy_t2i import tiny_random_pipeline
 from ralign.diffusion.policy import DiffusionPolicy, PolicyConfig
@@ -252,10 +254,11 @@ def test_comat_update_trains_the_unet_through_caption_attention_and_adversarial_
     empty = policy.encode([""])[0].detach()
     fidelity.model = LatentDiscriminator(policy.unet, empty, 0, 2)
     fidelity.optimizer = torch.optim.AdamW(list(fidelity.model.trainable().values()), lr=1e-4, betas=(0.0, 0.999))
-    cfg = DirectBackpropConfig(mode="interval", interval=2, attention_steps=2)
+    cfg = BackpropSettings(interval=2, attention_steps=2)
     grads = {}
+    g = torch.Generator().manual_seed(3)
     stats = backprop_update(policy, ["a red circle to the left of a blue square", "three green triangles"], [1, 2], reward, cfg,
-                            generator=torch.Generator().manual_seed(3))
+                            interval_steps(policy.cfg.steps, 2, g), generator=g)
     for name, p in policy.unet.named_parameters():
         if p.requires_grad and p.grad is not None:
             grads[name] = p.grad.norm().item()
@@ -289,4 +292,4 @@ def test_attention_rewards_refuse_segment_encoding_and_dpok():
     policy = _policy(text_encoding="segment")
     reward = build_reward({"name": "weighted", "terms": terms})
     with pytest.raises(ValueError, match="segment encoding"):
-        backprop_update(policy, ["a red circle"], [0], reward, DirectBackpropConfig(mode="draft", k=1))
+        backprop_update(policy, ["a red circle"], [0], reward, BackpropSettings(k=1), draft_steps(policy.cfg.steps, 1))

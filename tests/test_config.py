@@ -72,7 +72,7 @@ def test_every_shipped_training_config_validates():
 
     configs = sorted((Path(__file__).resolve().parent.parent / "jobs" / "configs").glob("*.yaml"))
     assert {"quickstart.yaml", "dpok.yaml", "refl.yaml", "draft.yaml", "alignprop.yaml"} <= {c.name for c in configs}
-    from jobs.sft import SFTConfig
+    from ralign.training.config import SFTConfig
 
     for path in configs:
         if path.name.startswith("serve"):

@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.coordinator import PromptSource, request_plan
 from ralign.diffusion.policy import build_policy
 from ralign.config import parse_config
-from ralign.training.learner import BadRewardsError, Learner, LearnerBatch, backwards_per_update
-from ralign.rewards.base import RewardOutput
+from ralign.algorithms.registry import build_algorithm
+from ralign.rollout.batch import Chains, Prefixes
+from ralign.rollout.prompts import PromptSource
+from ralign.training.learner import BadRewardsError, Learner
+from ralign.rewards.base import Reward, RewardOutput
 from ralign.rewards.colorfulness import ColorfulnessReward
 from ralign.training.config import TrainConfig
 
@@ -41,17 +43,18 @@ def make_learner(cfg: TrainConfig, reward=None) -> Learner:
     return Learner(cfg, policy, reward)
 
 
-def dpok_batch(learner: Learner) -> LearnerBatch:
+def dpok_batch(learner: Learner) -> Chains:
     traj = learner.policy.sample(PROMPTS, SEEDS)
     scores = ColorfulnessReward()(traj.images, PROMPTS).score
-    return LearnerBatch(PROMPTS, SEEDS, [0] * 4, latents=traj.latents, log_probs=traj.log_probs, timesteps=traj.timesteps, scores=scores)
+    return Chains(list(range(4)), PROMPTS, SEEDS, [0] * 4, latents=traj.latents, log_probs=traj.log_probs,
+                  timesteps=traj.timesteps, scores=scores)
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
 def test_dpok_update_is_one_deepspeed_step_over_all_backward_passes(zero_stage):
     cfg = make_cfg(algorithm__dpok__timestep_fraction=0.5, deepspeed__zero_stage=zero_stage)
     learner = make_learner(cfg)
-    assert learner.gas == backwards_per_update(cfg) == 2 * 2  # 2 micro-batches x 2 of 4 steps
+    assert learner.gas == build_algorithm(cfg).backwards_per_update() == 2 * 2  # 2 micro-batches x 2 of 4 steps
     before = {k: v.clone() for k, v in learner.policy.trainable_state().items()}
     stats = learner.update(dpok_batch(learner))
     assert learner.engine.global_steps == 1  # DeepSpeed stepped the optimiser exactly once
@@ -66,7 +69,7 @@ def test_dpok_update_is_one_deepspeed_step_over_all_backward_passes(zero_stage):
 def test_gradient_algorithms_update_through_deepspeed(name):
     cfg = make_cfg(algorithm__name=name, algorithm__backprop__interval=2)
     learner = make_learner(cfg, ColorfulnessReward())
-    stats = learner.update(LearnerBatch(PROMPTS, SEEDS, [0] * 4))
+    stats = learner.update(Prefixes.from_prompts(PROMPTS, SEEDS))
     assert learner.engine.global_steps == 1 and stats["quarantined"] == 0
     assert stats["reward_mean"] > 0 and stats["grad_norm"] > 0
 
@@ -82,11 +85,11 @@ def test_handed_over_prefix_is_the_start_of_the_full_chain():
 def test_learner_continues_a_handed_over_prefix():
     cfg = make_cfg(algorithm__name="refl")
     learner = make_learner(cfg, ColorfulnessReward())
-    plan = request_plan(cfg)(0)
-    k = plan["grad_steps"][0]
-    assert plan["stop_step"] == k and 2 <= k < 4  # the sampler stops where the gradient step begins
+    plan = build_algorithm(cfg).request_plan(0)
+    k = plan.grad_steps[0]
+    assert plan.stop_step == k and 2 <= k < 4  # the sampler stops where the gradient step begins
     start = learner.policy.sample_prefix(PROMPTS, SEEDS, k)
-    stats = learner.update(LearnerBatch(PROMPTS, SEEDS, [0] * 4, start_latents=start, plans=[(k, [k], 2), (k, [k], 2)]))
+    stats = learner.update(Prefixes(list(range(4)), PROMPTS, SEEDS, [0] * 4, start, [k] * 4, [(k,)] * 4))
     assert learner.engine.global_steps == 1 and stats["reward_mean"] > 0
 
 
@@ -96,16 +99,16 @@ def test_checkpoint_round_trip_restores_weights_and_state(tmp_path):
     learner.update(dpok_batch(learner))
     learner.save(tmp_path, extra={"next_id": 17})
     saved = {k: v.clone() for k, v in learner.policy.trainable_state().items()}
-    history = {p: list(h) for p, h in learner.normalizer.history.items()}
+    history = {p: list(h) for p, h in learner.algorithm.normalizer.history.items()}
     learner.update(dpok_batch(learner))  # move on, then go back
     record = learner.load(tmp_path)
     assert record["next_id"] == 17 and learner.iteration == 1 and learner.policy.version == 1
     assert all(torch.equal(saved[k], v) for k, v in learner.policy.trainable_state().items())
-    assert {p: list(h) for p, h in learner.normalizer.history.items()} == history
+    assert {p: list(h) for p, h in learner.algorithm.normalizer.history.items()} == history
     assert (tmp_path / "trainable.safetensors").is_file()
 
 
-class HalfNaN:
+class HalfNaN(Reward):
     name, differentiable = "half_nan", True
 
     def __call__(self, images, prompts, attention=None):
@@ -122,7 +125,7 @@ class AllNaN(HalfNaN):
 def test_nan_rewards_are_quarantined_and_too_many_stop_the_run():
     cfg = make_cfg(algorithm__name="draft", train__max_bad_reward_fraction=0.6)
     learner = make_learner(cfg, HalfNaN())
-    stats = learner.update(LearnerBatch(PROMPTS, SEEDS, [0] * 4))
+    stats = learner.update(Prefixes.from_prompts(PROMPTS, SEEDS))
     assert stats["quarantined"] == 2 and learner.engine.global_steps == 1
     # The two left out are described for the run's quarantine artefacts: prompt, seed, values, the image scored.
     records = learner.take_quarantined()
@@ -131,7 +134,7 @@ def test_nan_rewards_are_quarantined_and_too_many_stop_the_run():
                and r["score"] != r["score"] for r in records)  # NaN
     strict = make_learner(make_cfg(algorithm__name="draft", train__max_bad_reward_fraction=0.1), AllNaN())
     with pytest.raises(BadRewardsError, match="NaN/inf"):
-        strict.update(LearnerBatch(PROMPTS, SEEDS, [0] * 4))
+        strict.update(Prefixes.from_prompts(PROMPTS, SEEDS))
 
 
 def test_prompt_source_is_a_function_of_the_sample_id():
@@ -184,7 +187,7 @@ def test_every_zero_stage_makes_the_same_update(algorithm):
         cfg = make_cfg(deepspeed__zero_stage=stage, algorithm__name=algorithm)
         learner = make_learner(cfg, ColorfulnessReward() if algorithm != "dpok" else None)
         assert learner.gas >= 2
-        batch = dpok_batch(learner) if algorithm == "dpok" else LearnerBatch(PROMPTS, SEEDS, [0] * 4)
+        batch = dpok_batch(learner) if algorithm == "dpok" else Prefixes.from_prompts(PROMPTS, SEEDS)
         learner.update(batch)
         weights.append(learner.trainable_state())
     for other in weights[1:3]:  # ZeRO 0, 1, 2: bit-identical
@@ -200,5 +203,5 @@ def test_text_encoder_gets_its_own_learning_rate_next_to_unet_adapters():
     n_text = sum(p.numel() for p in learner.policy.text_encoder.parameters())
     by_lr = {g["lr"]: sum(p.numel() for p in g["params"]) for g in groups}
     assert by_lr[1e-5] == n_text
-    stats = learner.update(LearnerBatch(prompts=PROMPTS, seeds=SEEDS, versions=[0] * 4))
+    stats = learner.update(Prefixes.from_prompts(PROMPTS, SEEDS))
     assert stats["lr"] == 1e-3 and stats["loss"] == stats["loss"]

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import pytest
 from diffusers import StableDiffusionPipeline
 
 from ralign.pretrain.run import pretrain_all
 from ralign.pretrain.t2i import T2IPretrainConfig
 
 
-def test_tiny_t2i_pretraining_produces_a_loadable_pipeline(tmp_path):
-    results = pretrain_all(tmp_path, ["t2i"], scale=0.002)
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """One tiny pretraining run, shared: each test works on its own copy."""
+    out = tmp_path_factory.mktemp("pretrained")
+    return out, pretrain_all(out, ["t2i"], scale=0.002)
+
+
+def test_tiny_t2i_pretraining_produces_a_loadable_pipeline(pretrained, tmp_path):
+    source, results = pretrained
+    shutil.copytree(source, tmp_path, dirs_exist_ok=True)
     assert results["t2i"]["unet"]["steps"] == max(1, int(T2IPretrainConfig().unet_steps * 0.002))
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "base", local_files_only=True)
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
@@ -22,8 +32,9 @@ def test_tiny_t2i_pretraining_produces_a_loadable_pipeline(tmp_path):
     assert not (tmp_path / ".t2i_staging").exists()
 
 
-def test_continuing_the_unet_keeps_text_encoder_and_vae_and_counts_steps(tmp_path):
-    first = pretrain_all(tmp_path, ["t2i"], scale=0.002)
+def test_continuing_the_unet_keeps_text_encoder_and_vae_and_counts_steps(pretrained, tmp_path):
+    source, first = pretrained
+    shutil.copytree(source, tmp_path, dirs_exist_ok=True)
     before = StableDiffusionPipeline.from_pretrained(tmp_path / "base", local_files_only=True)
     more = pretrain_all(tmp_path, ["t2i"], continue_unet_steps=2, unet_lr=1e-3)
     after = StableDiffusionPipeline.from_pretrained(tmp_path / "base", local_files_only=True)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from actors.rollout import RewardActor, Rollout, RolloutRequest, SamplerActor
+from actors.rollout import RewardActor, SamplerActor
+from ralign.rollout.batch import Chains
+from ralign.rollout.schedule import RolloutRequest
 from ralign.diffusion.policy import build_policy
 from ralign.rewards.registry import build_reward
 from ralign.diffusion.text_encoding import token_offsets
@@ -31,7 +33,7 @@ def _as_images(rollout_images: np.ndarray) -> torch.Tensor:
 def test_reward_actor_scores_like_the_in_process_reward(ray_local, spec):
     samples = generate("binding", 4, split="test", seed=3)
     images = np.stack([render(s.scene) for s in samples])
-    rollout = Rollout(ids=[0, 1, 2, 3], prompts=[s.prompt for s in samples], seeds=[0, 1, 2, 3], version=0,
+    rollout = Chains(ids=[0, 1, 2, 3], prompts=[s.prompt for s in samples], seeds=[0, 1, 2, 3], versions=[0] * 4,
                       latents=np.zeros((4, 1, 4, 8, 8), np.float32), log_probs=np.zeros((4, 0), np.float32),
                       timesteps=np.zeros(0, np.int64), images=images)
     actor = RewardActor.options(num_cpus=0.5).remote(spec)

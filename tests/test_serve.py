@@ -130,7 +130,8 @@ def _samples(n: int):
 def test_served_scores_equal_the_in_process_reward(served, ray_local):
     from ray import serve
 
-    from actors.rollout import RewardActor, Rollout
+    from actors.rollout import RewardActor
+    from ralign.rollout.batch import Chains
     from ralign.rewards.registry import build_reward
 
     _, url = served
@@ -149,7 +150,7 @@ def test_served_scores_equal_the_in_process_reward(served, ray_local):
     assert status == 200 and body["scores"][0] == pytest.approx(float(local.score[0]), rel=1e-4, abs=1e-5)
 
     # a reward actor pointed at the application scores a rollout the same way
-    rollout = Rollout(ids=[0, 1, 2], prompts=prompts, seeds=[0, 1, 2], version=0, latents=np.zeros((3, 1, 4, 8, 8), np.float32),
+    rollout = Chains(ids=[0, 1, 2], prompts=prompts, seeds=[0, 1, 2], versions=[0] * 3, latents=np.zeros((3, 1, 4, 8, 8), np.float32),
                       log_probs=np.zeros((3, 0), np.float32), timesteps=np.zeros(0, np.int64), images=images)
     actor = RewardActor.options(num_cpus=0.25).remote({"name": "clip_score", "deployment": "clip-score"})
     scored = ray_local.get(actor.score.remote(rollout))

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from jobs.sft import SFTConfig, run_sft
+from jobs.sft import run_sft
+from ralign.training.config import SFTConfig
 from ralign.config import ConfigError, parse_config
 from ralign.diffusion.policy import build_policy, policy_from_checkpoint
 from ralign.training.config import TrainConfig

@@ -25,9 +25,10 @@ def _measure(config: str, overrides: list[str], k: int, checkpointing: bool, ste
         import torch
 
         from jobs.bench.common import PeakSampler
-        from ralign.algorithms.direct_backprop import backprop_update
+        from ralign.algorithms.backprop_chain import backprop_update
+        from ralign.algorithms.draft import draft_steps
+        from ralign.diffusion.seeding import seed_lora_init
         from ralign.config import load_config
-        from ralign.training.learner import backprop_config
         from ralign.diffusion.policy import build_policy
         from ralign.rewards.registry import build_reward
         from ralign.training.config import TrainConfig
@@ -37,18 +38,18 @@ def _measure(config: str, overrides: list[str], k: int, checkpointing: bool, ste
         cfg = load_config(TrainConfig, config, [*overrides, "algorithm.name=draft", f"algorithm.backprop.k={k}",
                                                 f"algorithm.backprop.checkpointing={str(checkpointing).lower()}",
                                                 f"model.policy.steps={steps}"])
-        torch.manual_seed(0)
+        seed_lora_init()
         policy = build_policy(cfg.policy_spec())
-        reward = build_reward({"name": cfg.reward.name, **cfg.reward.options})
+        reward = build_reward(cfg.reward.spec())
         n = cfg.train.micro_batch
         prompts = [s.prompt for s in generate_mixed(n, split="train", seed=0, families=tuple(cfg.prompts.families))]
         seeds = list(range(n))
-        bp = backprop_config(cfg)
+        bp = cfg.algorithm.settings_of("backprop")
 
         def update() -> float:
             policy.unet.zero_grad(set_to_none=True)
             start = time.perf_counter()
-            backprop_update(policy, prompts, seeds, reward, bp, generator=torch.Generator().manual_seed(0))
+            backprop_update(policy, prompts, seeds, reward, bp, draft_steps(steps, k), generator=torch.Generator().manual_seed(0))
             return time.perf_counter() - start
 
         update()  # warm-up
@@ -88,11 +89,11 @@ def _linear_fit(rows: list[dict]) -> dict | None:
 
 def run(config: str | Path, ks: list[int], overrides: list[str] | None = None, threads: int = 2, timeout_s: float = 1800) -> dict:
     from jobs.bench.common import machine
-    from ralign.config import load_config
+    from ralign.config import UserError, load_config
     from ralign.training.config import TrainConfig
 
     if not ks or min(ks) < 1:
-        raise ValueError("--k needs positive gradient-step counts, e.g. 1,2,5,10,25")
+        raise UserError("--k needs positive gradient-step counts, e.g. 1,2,5,10,25")
     base = load_config(TrainConfig, config, overrides or [])
     steps = max(base.model.policy.steps, max(ks))
     ctx = mp.get_context("spawn")

@@ -105,23 +105,24 @@ def _in_process(cfg, iterations: int, warmup: int, threads: int) -> tuple[dict, 
     """Stage-alone and sequential timings, in this process."""
     import torch
 
-    from actors.coordinator import PromptSource
     from jobs.bench.common import PeakSampler
-    from ralign.training.learner import Learner, LearnerBatch
+    from ralign.diffusion.seeding import seed_lora_init
+    from ralign.rollout.batch import Chains
+    from ralign.rollout.prompts import PromptSource
+    from ralign.training.learner import Learner
     from ralign.diffusion.policy import build_policy
     from ralign.rewards.registry import build_reward
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
+    seed_lora_init()
     policy = build_policy(cfg.policy_spec())
-    reward = build_reward({"name": cfg.reward.name, **cfg.reward.options})
+    reward = build_reward(cfg.reward.spec())
     learner = Learner(cfg, policy, reward)
     source = PromptSource(cfg)
     n = cfg.train.batch_size
 
     def batch_ids(it: int) -> tuple[list[str], list[int]]:
-        ids = range(it * n, (it + 1) * n)
-        return [source.prompt(i) for i in ids], [source.seed_of(i) for i in ids]
+        return source(it * n, n)
 
     def sample(prompts, seeds):
         return learner.policy.sample(prompts, seeds)
@@ -131,8 +132,8 @@ def _in_process(cfg, iterations: int, warmup: int, threads: int) -> tuple[dict, 
             return reward(traj.images, prompts).score
 
     def learn(traj, scores, prompts, seeds):
-        batch = LearnerBatch(prompts, seeds, [learner.policy.version] * n, latents=traj.latents, log_probs=traj.log_probs,
-                             timesteps=traj.timesteps, scores=scores)
+        batch = Chains(list(range(n)), prompts, seeds, [learner.policy.version] * n, latents=traj.latents,
+                       log_probs=traj.log_probs, timesteps=traj.timesteps, scores=scores)
         return learner.update(batch)
 
     def time_stages(first_batch: int, count: int, skip: int) -> dict[str, float]:
@@ -251,18 +252,22 @@ def run(config: str | Path, iterations: int, overrides: list[str] | None = None,
 
     from jobs.bench.common import machine
     from jobs.train import train
-    from ralign.config import load_config
+    from ralign.config import UserError, load_config
     from ralign.training.config import TrainConfig
 
     if iterations < 1:
-        raise ValueError("--iterations must be at least 1")
+        raise UserError("--iterations must be at least 1")
     threads = threads or os.cpu_count() or 1
     cfg = load_config(TrainConfig, config, [*(overrides or []), f"train.iterations={warmup + iterations}",
                                             "train.eval.before_after=false", "train.eval.every=0", "tracking.log_images_every=0",
                                             f"train.checkpoint_every={warmup + iterations}"])
-    if cfg.algorithm.name != "dpok":
-        raise ValueError("bench pipeline measures separate sample / reward / learn stages: use a DPOK config "
-                         "(gradient algorithms score inside the learner)")
+    from ralign.algorithms.base import RolloutAlgorithm
+    from ralign.algorithms.registry import algorithm_class
+
+    if not issubclass(algorithm_class(cfg.algorithm.name), RolloutAlgorithm):
+        raise UserError(f"bench pipeline measures separate sample / reward / learn stages: algorithm.name="
+                         f"{cfg.algorithm.name} scores inside the learner; use a config whose algorithm learns from "
+                         "scored rollouts (e.g. DPOK)")
     n = cfg.train.batch_size
     log.info("bench pipeline: stages alone and sequential, in-process (%d + %d warm-up iterations of %d samples)", iterations, warmup, n)
     in_proc, peaks = _in_process(cfg, iterations, warmup, threads)

@@ -24,14 +24,15 @@ def run(config: str | Path, counts: list[int], requests_per_sampler: int = 4, ov
     from ray.cluster_utils import Cluster
 
     from actors.common import weights_for_transfer
-    from actors.rollout import RolloutRequest, SamplerActor
+    from actors.rollout import SamplerActor
     from jobs.bench.common import machine
-    from ralign.config import load_config
+    from ralign.config import UserError, load_config
     from ralign.diffusion.policy import build_policy
+    from ralign.rollout.schedule import RolloutRequest
     from ralign.training.config import TrainConfig
 
     if not counts or min(counts) < 1:
-        raise ValueError("--samplers needs positive counts, e.g. 1,2,4")
+        raise UserError("--samplers needs positive counts, e.g. 1,2,4")
     cfg = load_config(TrainConfig, config, overrides or [])
     spec = cfg.policy_spec()
     n = cfg.ray.request_batch

@@ -10,40 +10,17 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from peft import LoraConfig
 
-from ralign.diffusion.sampler import Trajectory, decode_latents, guided_noise, initial_noise, sample_chain
+from ralign.config import MissingPathError, UserError
+from ralign.diffusion.sampler import StepOutput, Trajectory, ddim_step_with_logprob, decode_latents, guided_noise, sample_chain
+from ralign.diffusion.seeding import initial_noise, step_generator
+from ralign.diffusion.settings import PolicyConfig
 from ralign.diffusion.text_encoding import PlainEncoder, SegmentEncoder, interpolate_embeddings
-
-UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-@dataclass
-class PolicyConfig:
-    unet_lora_rank: int = 8  # 0 = UNet frozen
-    unet_lora_alpha: float | None = None  # None = rank (scale 1)
-    text_encoder: str = "frozen"  # frozen | full | lora
-    text_lora_rank: int = 8
-    text_encoding: str = "plain"  # plain | segment (LongAlign)
-    segment_budget: int = 96
-    # TextCraftor's interpolation at inference: e = w·e_tuned + (1 − w)·e_original (1 = the tuned encoder alone)
-    text_encoder_weight: float = 1.0
-    steps: int = 20
-    eta: float = 1.0
-    guidance: float = 5.0
-    lora_targets: tuple[str, ...] = field(default=UNET_LORA_TARGETS)
-
-
-def step_generator(seeds: Sequence[int]) -> torch.Generator:
-    """Step noise from one generator seeded by the batch's seeds: reproducible chains for a given seed list, and a
-    prefix run elsewhere (a sampler actor) continues exactly as the full chain would."""
-    return torch.Generator().manual_seed(int(sum(int(s) * 1_000_003**i for i, s in enumerate(seeds)) % 2**63))
-
 
 class DiffusionPolicy:
     def __init__(self, pipe: StableDiffusionPipeline, cfg: PolicyConfig):
@@ -120,15 +97,15 @@ class DiffusionPolicy:
     def mix_text_encoder(self, state: dict[str, torch.Tensor], weight: float, source: str = "the checkpoint to mix") -> None:
         """Blend in another tuned text encoder (its `text_encoder.*` tensors from a checkpoint) with `weight`;
         `source` names the file in errors."""
-        from ralign.models.weights import check_fits
+        from ralign.models.weights import CheckpointError, check_fits
 
         if self.cfg.text_encoder != "full":
-            raise ValueError("mixing tuned text encoders needs model.policy.text_encoder=full (whole-encoder checkpoints)")
+            raise UserError("mixing tuned text encoders needs model.policy.text_encoder=full (whole-encoder checkpoints)")
         module = copy.deepcopy(self.original_text_encoder)
         prefix = "text_encoder."
         tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not tensors:
-            raise ValueError(f"{source} holds no text-encoder weights")
+            raise CheckpointError(f"{source} holds no text-encoder weights")
         # A whole-encoder checkpoint holds every parameter; a partial one would silently blend in the original's.
         check_fits(tensors, {n: p.shape for n, p in module.named_parameters()}, source, complete=True, what="this text encoder")
         module.load_state_dict(tensors, strict=False)
@@ -237,6 +214,16 @@ class DiffusionPolicy:
     def noise_pred(self, latents: torch.Tensor, timestep: int, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         return guided_noise(self.unet, latents, timestep, cond, uncond, self.cfg.guidance)
 
+    def step_log_prob(self, latents: torch.Tensor, timestep: int, cond: torch.Tensor, uncond: torch.Tensor, *,
+                      prev_sample: torch.Tensor, steps: int | None = None) -> StepOutput:
+        """The Gaussian of one denoising step x_t -> x_{t-1} of a `steps`-step chain under this policy (its mean,
+        sigma and the log-probability of `prev_sample`): what the policy-gradient algorithms differentiate."""
+        steps = steps or self.cfg.steps
+        if self.scheduler.num_inference_steps != steps:
+            self.scheduler.set_timesteps(steps)
+        eps = self.noise_pred(latents, timestep, cond, uncond)
+        return ddim_step_with_logprob(self.scheduler, eps, timestep, latents, self.cfg.eta, prev_sample=prev_sample)
+
     # ---- trainable weights --------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for m in (self.unet, self.text_encoder) for p in m.parameters() if p.requires_grad]
@@ -281,7 +268,7 @@ def build_policy(spec: dict) -> DiffusionPolicy:
 
         weights = Path(spec["init_checkpoint"]).expanduser() / "trainable.safetensors"
         if not weights.is_file():
-            raise FileNotFoundError(f"model.init_checkpoint: {weights} does not exist (run the stage that writes it, e.g. `ralign sft`)")
+            raise MissingPathError(f"model.init_checkpoint: {weights} does not exist (run the stage that writes it, e.g. `ralign sft`)")
         # Not `complete`: a later stage may train more than the stage it starts from (those tensors start fresh).
         policy.load_trainable_state(read_safetensors(weights), version=0, source=str(weights))
     return policy.to(spec.get("device", "cpu"))
@@ -292,8 +279,6 @@ def policy_from_checkpoint(directory: str | Path, device: str = "cpu", source: s
     trainable weights (trainable.safetensors). `policy_overrides` change inference-only settings (e.g.
     text_encoder_weight, guidance, steps). `source` is how errors name the checkpoint (default: the directory; an
     MLflow URI when `directory` is its temporary download)."""
-    import dataclasses
-
     from ralign.models.weights import CheckpointError, read_json, read_safetensors
 
     directory = Path(directory)
@@ -301,14 +286,14 @@ def policy_from_checkpoint(directory: str | Path, device: str = "cpu", source: s
     state_file, weights_file = directory / "learner_state.json", directory / "trainable.safetensors"
     for f in (state_file, weights_file):
         if not f.is_file():
-            raise FileNotFoundError(f"{label} is not a ralign checkpoint: {f.name} is missing")
+            raise MissingPathError(f"{label} is not a ralign checkpoint: {f.name} is missing")
     record = read_json(state_file, f"{label}/{state_file.name}")
     if "policy_spec" not in record:
-        raise ValueError(f"{label}/{state_file.name} has no policy_spec (written by an older ralign); cannot tell which model it belongs to")
+        raise CheckpointError(f"{label}/{state_file.name} has no policy_spec (written by an older ralign); cannot tell which model it belongs to")
     spec = record["policy_spec"]
     if not isinstance(spec, dict) or not isinstance(spec.get("policy", {}), dict):
         raise CheckpointError(f"{label}/{state_file.name}: policy_spec must be a mapping with a 'policy' mapping")
-    unknown = set(spec.get("policy", {})) - {f.name for f in dataclasses.fields(PolicyConfig)}
+    unknown = set(spec.get("policy", {})) - set(PolicyConfig.model_fields)
     if unknown:
         raise CheckpointError(f"{label}/{state_file.name}: policy_spec.policy has unknown setting(s) {sorted(unknown)}")
     # The checkpoint's trainable weights supersede the stage it started from: that stage need not be loaded, nor exist.

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DDIMScheduler
+
+if TYPE_CHECKING:
+    from diffusers import DDIMScheduler
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -171,9 +174,3 @@ def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """VAE decode to images in [0, 1] (B, 3, H, W); differentiable."""
     images = vae.decode(latents / vae.config.scaling_factor).sample
     return (images / 2 + 0.5).clamp(0, 1)
-
-
-def initial_noise(shape: Sequence[int], seeds: Sequence[int], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-    """x_T for each sample from its own seed (drawn on CPU), so a sample depends neither on its batch nor its device."""
-    noise = torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds])
-    return noise.to(device)

@@ -4,9 +4,11 @@ once)."""
 
 from pathlib import Path
 
+from ralign.config import UserError
+
 # The committed toy models (ralign/toy_models/*/MODEL_CARD.md), written by `ralign world pretrain`.
 TOY_MODELS_DIR = Path(__file__).resolve().parent.parent / "toy_models"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError):
     """A checkpoint that cannot be loaded, with the reason in one line."""

@@ -16,6 +16,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import SafetensorError
 
+from ralign.diffusion.seeding import sample_seed
 from ralign.models.weights import no_progress_bars
 from ralign.models import TOY_MODELS_DIR, ModelLoadError
 
@@ -111,7 +112,7 @@ def generate_images(
         chunk = list(prompts[start : start + batch_size])
         # One generator per image keeps results independent of batching.
         latents = torch.stack(
-            [torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + i)) for i in range(len(chunk))]
+            [torch.randn(latent_shape, generator=torch.Generator().manual_seed(sample_seed(seed, start + i))) for i in range(len(chunk))]
         )
         kwargs = dict(prompt=chunk)
         if prompt_embeds_fn is not None:

@@ -50,9 +50,11 @@ def save_reward_clip(model: open_clip.CLIP, tokenizer, path: str | Path, config:
 
 def load_reward_clip(path: str | Path) -> tuple[open_clip.CLIP, object]:
     """(model, tokenizer) from a directory written by `save_reward_clip`; safetensors only."""
+    from ralign.config import MissingPathError
+
     path = Path(path)
     if not (path / "open_clip_config.json").is_file():
-        raise FileNotFoundError(f"{path}: no open_clip_config.json (not a reward CLIP directory)")
+        raise MissingPathError(f"{path}: no open_clip_config.json (not a reward CLIP directory)")
     from ralign.models.weights import CheckpointError, check_fits, read_json, read_safetensors
 
     config = read_json(path / "open_clip_config.json")

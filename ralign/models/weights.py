@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 
+from ralign.config import UserError
+
 _MAX_LISTED = 3
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A weights or checkpoint file that cannot be used; one line naming the file and what is wrong with it."""
 
 

@@ -29,7 +29,7 @@ from typing import Iterator
 import yaml
 
 from ralign.ops.credentials import redact_credentials
-from ralign.ops.tracking import DEFAULT_TRACKING_URI, TrackingError, is_not_found, mlflow_message, resolve_tracking_uri, tracking_client
+from ralign.ops.tracking import TrackingError, is_not_found, mlflow_message, resolve_tracking_uri, tracking_client
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILES = ("trainable.safetensors", "learner_state.json")

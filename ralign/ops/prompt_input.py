@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ralign.config import UserError
+
 # The Serve ingress's default `http.max_prompt_chars`: one limit for prompts wherever they come from.
 MAX_PROMPT_CHARS = 4000
 MAX_FILE_BYTES = 64 * 1024 * 1024
@@ -28,7 +30,7 @@ _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u20
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
-class PromptInputError(ValueError):
+class PromptInputError(UserError):
     """A prompt that cannot be used; one line naming where it came from and why."""
 
 

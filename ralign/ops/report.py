@@ -25,7 +25,8 @@ from pathlib import Path
 
 from ralign.ops.credentials import redact_credentials
 from ralign.ops.model_registry import LOWER_IS_BETTER, metric_direction
-from ralign.ops.tracking import is_not_found, mlflow_message, resolve_tracking_uri, tracking_client
+from ralign.config import UserError
+from ralign.ops.tracking import TrackingError, is_not_found, mlflow_message, resolve_tracking_uri, tracking_client
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +56,13 @@ def _get_run(client, run_id: str, uri: str):
     from mlflow.exceptions import MlflowException
 
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id or ""):
-        raise ValueError(f"{run_id!r} is not an MLflow run id")
+        raise TrackingError(f"{run_id!r} is not an MLflow run id")
     try:
         return client.get_run(run_id)
     except MlflowException as exc:
         if is_not_found(exc):
-            raise ValueError(f"no MLflow run {run_id} at {redact_credentials(uri)}") from None
-        raise ValueError(f"cannot read run {run_id} at {redact_credentials(uri)}: {mlflow_message(exc)}") from None
+            raise TrackingError(f"no MLflow run {run_id} at {redact_credentials(uri)}") from None
+        raise TrackingError(f"cannot read run {run_id} at {redact_credentials(uri)}: {mlflow_message(exc)}") from None
 
 
 def _histories(client, run_id: str, keys) -> dict[str, list[tuple[int, float]]]:
@@ -477,11 +478,11 @@ def _prepare_out_dir(out: Path) -> None:
     """Create `out`, or clear an earlier report in it; refuse a directory holding anything else (it would be
     uploaded to the run with the report)."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: not a directory")
+        raise UserError(f"--out {out}: not a directory")
     out.mkdir(parents=True, exist_ok=True)
     foreign = sorted(p.name for p in out.iterdir() if p.name not in OWNED)
     if foreign:
-        raise ValueError(f"--out {out} holds files that are not part of a report ({', '.join(foreign[:3])}"
+        raise UserError(f"--out {out} holds files that are not part of a report ({', '.join(foreign[:3])}"
                          f"{', ...' if len(foreign) > 3 else ''}); use an empty or new directory")
     for name in OWNED:
         p = out / name

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ralign.config import UserError
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # `ralign train`'s default store
 
 
-class TrackingError(ValueError):
+class TrackingError(UserError):
     """An MLflow store or run the user named does not exist or cannot be read; one line."""
 
 

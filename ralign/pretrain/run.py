@@ -8,7 +8,6 @@ import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import torch
 
 from ralign.pretrain.common import machine_description
 from ralign.pretrain.t2i import T2IPretrainConfig, continue_unet, pretrain_t2i

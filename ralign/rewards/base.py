@@ -1,26 +1,29 @@
 """The reward interface every reward implements, and a guard that quarantines bad reward values.
 
 A reward maps images (B, 3, H, W) in [0, 1] and their prompts to a per-sample score plus named components (so MLflow
-shows each). Differentiable rewards return tensors that carry gradients to the images; non-differentiable ones may
-return detached tensors and say so with `differentiable`.
+shows each). What else a reward can do is declared on its class, never probed for:
 
-Some rewards need more of the chain than the images; they say so with class attributes and receive keyword inputs
-from whoever ran the chain: the gradient algorithms in the learner (with graph), or a reward actor, from what the
-sampler shipped with the rollout (no graph):
-- `uses_attention`: `attention={"maps": [per captured step: {group: [(B, side, side, tokens)]}], "token_offsets":
-  [per prompt: [(start, end) character span of each token position]]}`, the UNet's cross-attention maps
-  (ralign/diffusion/attention_capture.py) and where each token of the prompt sits;
-- `uses_latents`: `latents=(B, C, h, w)`, the final latents before decoding.
-A reward with an `adversarial_update(real_latents, fake_latents)` method also trains (CoMat's discriminator); it
-then has `shared_weights()` / `load_shared_weights(state)` so the learner can hand its current weights to reward
-actors that score with it.
+- `differentiable`: its score carries gradients to the images (the gradient algorithms need that).
+- `uses_attention`: it scores the UNet's cross-attention, passed as `attention={"maps": [per captured step: {group:
+  [(B, side, side, tokens)]}], "token_offsets": [per prompt: [(start, end) character span of each token position]]}`
+  (ralign/diffusion/attention_capture.py);
+- `uses_latents`: it scores the final latents before decoding, passed as `latents=(B, C, h, w)`.
+  Whoever ran the chain passes those: the gradient algorithms in the learner (with graph), or a reward actor from
+  what the sampler shipped with the rollout (no graph).
+- `trains`: it learns alongside the policy (CoMat's discriminator): `adversarial_update(real, fake)` takes one step,
+  `shared_weights()` / `load_shared_weights(state)` hand its current weights from the learner to the reward actors
+  that score with it, `save_state` / `load_state` put it into the learner's checkpoints.
+
+A composite reward (a weighted sum, a wrapper) answers from its parts; config validation asks the classmethods
+(`differentiable_for`, `chain_inputs_for`, `attention_for`) before any model is loaded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -34,11 +37,53 @@ class RewardOutput:
         return RewardOutput(self.score.detach(), {k: v.detach() for k, v in self.components.items()})
 
 
-class Reward(Protocol):
-    name: str
-    differentiable: bool
+class Reward:
+    name: ClassVar[str]
+    differentiable: bool = False
+    uses_attention: bool = False
+    uses_latents: bool = False
+    trains: bool = False
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str], **inputs) -> RewardOutput: ...
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], *, attention: dict | None = None,
+                 latents: torch.Tensor | None = None) -> RewardOutput:
+        raise NotImplementedError
+
+    @property
+    def chain_inputs(self) -> bool:
+        """Whether it scores more of the chain than the final images."""
+        return self.uses_attention or self.uses_latents
+
+    # ---- what the class can do, from its options alone (before any model is loaded) -----------------------------
+    @classmethod
+    def differentiable_for(cls, options: dict) -> bool:
+        return cls.differentiable
+
+    @classmethod
+    def chain_inputs_for(cls, options: dict) -> list[str]:
+        """Names of the (terms of the) reward that score the chain's attention maps or latents."""
+        return [cls.name] if cls.uses_attention or cls.uses_latents else []
+
+    @classmethod
+    def attention_for(cls, options: dict) -> bool:
+        """Whether it (or a term of it) scores cross-attention, which samplers must then record."""
+        return cls.uses_attention
+
+    # ---- a reward that trains alongside the policy (`trains`) ---------------------------------------------------
+    def adversarial_update(self, real_latents: torch.Tensor, fake_latents: torch.Tensor) -> dict[str, float]:
+        return {}
+
+    def shared_weights(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_shared_weights(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"reward {self.name!r} trains nothing; it cannot load shared weights")
+
+    def save_state(self, directory: str | Path) -> None:
+        pass
+
+    def load_state(self, directory: str | Path) -> None:
+        pass
 
 
 def quarantine_records(output: RewardOutput, ok: torch.Tensor, prompts, images: torch.Tensor) -> list[dict]:

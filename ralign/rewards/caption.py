@@ -14,12 +14,12 @@ import torch
 
 from ralign.models import TOY_MODELS_DIR
 from ralign.models.captioner import caption_nll, load_captioner
-from ralign.rewards.base import RewardOutput
+from ralign.rewards.base import Reward, RewardOutput
 
 TOY_CAPTIONER = TOY_MODELS_DIR / "captioner"
 
 
-class CaptionReward:
+class CaptionReward(Reward):
     name = "caption"
     differentiable = True
 

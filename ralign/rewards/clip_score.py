@@ -13,12 +13,12 @@ import torch
 
 from ralign.models import TOY_MODELS_DIR
 from ralign.models.reward_clip import encode_images, encode_texts, load_reward_clip
-from ralign.rewards.base import RewardOutput
+from ralign.rewards.base import Reward, RewardOutput
 
 TOY_DIR = TOY_MODELS_DIR
 
 
-class ClipScoreReward:
+class ClipScoreReward(Reward):
     """cos(text, image) of the reward CLIP (the "CLIP score"; x100 scaling is left out, rewards stay O(1))."""
 
     name = "clip_score"

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ralign.rewards.base import RewardOutput
+from ralign.rewards.base import Reward, RewardOutput
 
 
-class ColorfulnessReward:
+class ColorfulnessReward(Reward):
     name = "colorfulness"
     differentiable = True
 

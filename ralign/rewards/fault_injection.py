@@ -14,14 +14,14 @@ from collections.abc import Sequence
 
 import torch
 
-from ralign.rewards.base import RewardOutput
+from ralign.rewards.base import Reward, RewardOutput
 
 
 class InjectedRewardFailure(RuntimeError):
     pass
 
 
-class FaultInjectionReward:
+class FaultInjectionReward(Reward):
     name = "fault_injection"
 
     def __init__(self, inner: dict, nan_if_prompt_contains: str | None = None, raise_if_prompt_contains: str | None = None,
@@ -32,8 +32,9 @@ class FaultInjectionReward:
             raise ValueError("fault_injection needs options.inner: {name: <reward>, ...}")
         self.inner = build_reward({**inner, "device": device})
         self.nan_marker, self.raise_marker = nan_if_prompt_contains, raise_if_prompt_contains
-        self.uses_attention = getattr(self.inner, "uses_attention", False)
-        self.uses_latents = getattr(self.inner, "uses_latents", False)
+        # A wrapper: it can do what the reward it wraps can.
+        self.differentiable = self.inner.differentiable
+        self.uses_attention, self.uses_latents = self.inner.uses_attention, self.inner.uses_latents
 
     @classmethod
     def differentiable_for(cls, options: dict) -> bool:
@@ -42,6 +43,22 @@ class FaultInjectionReward:
         inner = dict(options.get("inner") or {})
         name = inner.pop("name", None)
         return bool(name) and is_differentiable(name, inner)
+
+    @classmethod
+    def chain_inputs_for(cls, options: dict) -> list[str]:
+        from ralign.rewards.registry import needs_chain_inputs
+
+        inner = dict(options.get("inner") or {})
+        name = inner.pop("name", None)
+        return needs_chain_inputs(name, inner) if name else []
+
+    @classmethod
+    def attention_for(cls, options: dict) -> bool:
+        from ralign.rewards.registry import needs_attention
+
+        inner = dict(options.get("inner") or {})
+        name = inner.pop("name", None)
+        return bool(name) and needs_attention(name, inner)
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **inputs) -> RewardOutput:
         if self.raise_marker is not None:

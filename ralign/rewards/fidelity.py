@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from ralign.training.distributed import active_dist
 from ralign.models.pipeline import load_pipeline
-from ralign.rewards.base import RewardOutput
+from ralign.rewards.base import Reward, RewardOutput
 
 STATE_FILE = "discriminator.safetensors"
 
@@ -52,10 +52,11 @@ class LatentDiscriminator(torch.nn.Module):
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
 
-class FidelityDiscriminator:
+class FidelityDiscriminator(Reward):
     name = "fidelity"
     differentiable = True
     uses_latents = True
+    trains = True
 
     def __init__(self, pipeline: str = "base", lora_rank: int = 8, lr: float = 2e-5, beta1: float = 0.0,
                  grad_clip: float = 1.0, timestep: int = 0, seed: int = 0, device: str = "cpu"):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ralign.models.grounded_segmenter import build_grounded_segmenter
-from ralign.rewards.base import RewardOutput
+from ralign.rewards.base import Reward, RewardOutput
 from ralign.rewards.text_parsing import Entity, entity_positions, parse_entities
 
 _EPS = 1e-8
@@ -76,7 +76,7 @@ def _usable(entities: list[Entity], token_idx: list[list[int]]) -> tuple[list[En
     return [entities[i] for i in keep], [token_idx[i] for i in keep]
 
 
-class GroundedAttentionReward:
+class GroundedAttentionReward(Reward):
     name = "grounded_attention"
     differentiable = True
     uses_attention = True

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
+from ralign.rewards.base import Reward
+
 _BUILDERS: dict[str, str | Callable[..., object]] = {
     "colorfulness": "ralign.rewards.colorfulness:ColorfulnessReward",
     "clip_score": "ralign.rewards.clip_score:ClipScoreReward",
@@ -29,7 +31,7 @@ def reward_names() -> list[str]:
     return sorted(_BUILDERS)
 
 
-def reward_class(name: str):
+def reward_class(name: str) -> type[Reward]:
     if name not in _BUILDERS:
         raise ValueError(f"unknown reward {name!r}; expected one of {reward_names()}")
     builder = _BUILDERS[name]
@@ -40,30 +42,22 @@ def reward_class(name: str):
 
 
 def is_differentiable(name: str, options: dict | None = None) -> bool:
-    """A reward class answers from its `differentiable` attribute, or, when that depends on its options (a
-    composite), from its `differentiable_for(options)` classmethod."""
-    cls = reward_class(name)
-    if hasattr(cls, "differentiable_for"):
-        return cls.differentiable_for(options or {})
-    return bool(getattr(cls, "differentiable", False))
+    return reward_class(name).differentiable_for(options or {})
 
 
 def needs_chain_inputs(name: str, options: dict | None = None) -> list[str]:
-    """Names of the (terms of the) reward that need attention maps or latents from a gradient algorithm's chain
-    (a composite answers with its `chain_inputs_for(options)` classmethod)."""
-    cls = reward_class(name)
-    if hasattr(cls, "chain_inputs_for"):
-        return cls.chain_inputs_for(options or {})
-    return [name] if getattr(cls, "uses_attention", False) or getattr(cls, "uses_latents", False) else []
+    """Names of the (terms of the) reward that need attention maps or latents from a gradient algorithm's chain."""
+    return reward_class(name).chain_inputs_for(options or {})
 
 
 def needs_attention(name: str, options: dict | None = None) -> bool:
     """Whether the reward (or any term of a composite) scores the chain's cross-attention maps, which samplers must
     then record for the rollouts they ship to reward actors."""
-    return any(getattr(reward_class(n), "uses_attention", False) for n in needs_chain_inputs(name, options))
+    return reward_class(name).attention_for(options or {})
 
 
-def build_reward(spec: dict):
+def build_reward(spec: dict) -> Reward:
+    """A reward from `{"name": ..., **options}` (e.g. `RewardSection.spec()`)."""
     spec = dict(spec)
     name = spec.pop("name", None)
     return reward_class(name)(**spec)

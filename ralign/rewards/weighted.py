@@ -14,19 +14,18 @@ from collections.abc import Sequence
 
 import torch
 
-from ralign.rewards.base import RewardOutput
+from ralign.rewards.base import Reward, RewardOutput
 
 
-class WeightedReward:
+class WeightedReward(Reward):
     name = "weighted"
-    differentiable = True  # per instance: all terms differentiable (the config validator asks `differentiable_for`)
 
     def __init__(self, terms: Sequence[dict], device: str = "cpu"):
         from ralign.rewards.registry import build_reward
 
         if not terms:
             raise ValueError("reward 'weighted' needs at least one term")
-        self.terms = []
+        self.terms: list[tuple[float, Reward]] = []
         seen = set()
         for spec in terms:
             spec = dict(spec)
@@ -37,16 +36,18 @@ class WeightedReward:
                 raise ValueError(f"reward term {spec['name']!r} appears twice")
             seen.add(spec["name"])
             self.terms.append((weight, build_reward({**spec, "device": device})))
-        self.uses_attention = any(getattr(r, "uses_attention", False) for _, r in self.terms)
-        self.uses_latents = any(getattr(r, "uses_latents", False) for _, r in self.terms)
-        self.differentiable = all(getattr(r, "differentiable", False) for _, r in self.terms)
+        # What the sum can do is what its terms can: every term differentiable, any term using attention, ...
+        self.differentiable = all(r.differentiable for _, r in self.terms)
+        self.uses_attention = any(r.uses_attention for _, r in self.terms)
+        self.uses_latents = any(r.uses_latents for _, r in self.terms)
+        self.trains = any(r.trains for _, r in self.terms)
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str], attention=None, latents=None) -> RewardOutput:
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], *, attention=None, latents=None) -> RewardOutput:
         total = images.new_zeros(len(prompts))
         components: dict[str, torch.Tensor] = {}
         skipped = 0
         for weight, reward in self.terms:
-            if (getattr(reward, "uses_attention", False) and attention is None) or (getattr(reward, "uses_latents", False) and latents is None):
+            if (reward.uses_attention and attention is None) or (reward.uses_latents and latents is None):
                 skipped += 1
                 continue
             out = reward(images, prompts, attention=attention, latents=latents)
@@ -60,35 +61,26 @@ class WeightedReward:
     def adversarial_update(self, real_latents: torch.Tensor, fake_latents: torch.Tensor) -> dict[str, float]:
         stats = {}
         for _, reward in self.terms:
-            if hasattr(reward, "adversarial_update"):
-                stats.update(reward.adversarial_update(real_latents, fake_latents))
+            stats.update(reward.adversarial_update(real_latents, fake_latents))
         return stats
 
-    @property
-    def trains(self) -> bool:
-        return any(hasattr(r, "adversarial_update") for _, r in self.terms)
-
     def shared_weights(self) -> dict[str, torch.Tensor]:
-        return {f"{i}.{k}": v for i, (_, r) in enumerate(self.terms) if hasattr(r, "shared_weights")
-                for k, v in r.shared_weights().items()}
+        return {f"{i}.{k}": v for i, (_, r) in enumerate(self.terms) for k, v in r.shared_weights().items()}
 
     def load_shared_weights(self, state: dict[str, torch.Tensor]) -> None:
         for i, (_, reward) in enumerate(self.terms):
-            if hasattr(reward, "load_shared_weights"):
+            if reward.trains:  # each term that trains checks that its part of `state` is exactly its weights
                 prefix = f"{i}."
                 reward.load_shared_weights({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
     def save_state(self, directory) -> None:
         for _, reward in self.terms:
-            if hasattr(reward, "save_state"):
-                reward.save_state(directory)
+            reward.save_state(directory)
 
     def load_state(self, directory) -> None:
         for _, reward in self.terms:
-            if hasattr(reward, "load_state"):
-                reward.load_state(directory)
+            reward.load_state(directory)
 
-    # The registry asks these before any model is loaded (config validation): answers from the options alone.
     @classmethod
     def differentiable_for(cls, options: dict) -> bool:
         from ralign.rewards.registry import is_differentiable
@@ -100,3 +92,9 @@ class WeightedReward:
         from ralign.rewards.registry import needs_chain_inputs
 
         return [n for t in options.get("terms", []) for n in needs_chain_inputs(t.get("name"), t)]
+
+    @classmethod
+    def attention_for(cls, options: dict) -> bool:
+        from ralign.rewards.registry import needs_attention
+
+        return any(needs_attention(t.get("name"), t) for t in options.get("terms", []))

@@ -12,32 +12,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ralign.config import StrictModel
-
-ALGORITHMS = ("dpok", "refl", "draft", "alignprop", "interval")
-GRADIENT_ALGORITHMS = ("refl", "draft", "alignprop", "interval")
-
-
-class PolicySection(StrictModel):
-    unet_lora_rank: int = Field(8, ge=0)
-    unet_lora_alpha: float | None = None
-    text_encoder: Literal["frozen", "full", "lora"] = "frozen"
-    text_lora_rank: int = Field(8, ge=1)
-    text_encoding: Literal["plain", "segment"] = "plain"
-    segment_budget: int = Field(96, ge=8)
-    text_encoder_weight: float = 1.0  # TextCraftor interpolation (evaluation/inference); needs a tuned text encoder
-    steps: int = Field(20, ge=1, le=1000)
-    eta: float = Field(1.0, ge=0.0, le=1.0)
-    guidance: float = Field(3.0, ge=1.0)
-
+from ralign.diffusion.settings import PolicyConfig
 
 class ModelSection(StrictModel):
     pipeline: str = "base"  # 'base' (committed toy model), 'tiny-random' (tests), a diffusers directory or a hub id
     # Start the trainable weights from this checkpoint (e.g. LongAlign's supervised stage, `ralign sft`)
     init_checkpoint: str | None = None
-    policy: PolicySection = PolicySection()
+    policy: PolicyConfig = PolicyConfig()
 
     @field_validator("init_checkpoint")
     @classmethod
@@ -50,39 +35,55 @@ class ModelSection(StrictModel):
         return {"pipeline": self.pipeline, "seed": seed, "policy": self.policy.model_dump(), "init_checkpoint": self.init_checkpoint}
 
 
-class DPOKSection(StrictModel):
-    alpha: float = 1.0
-    beta: float = Field(0.01, ge=0.0)
-    clip_range: float = Field(0.2, gt=0.0)
-    adv_clip: float = Field(5.0, gt=0.0)
-    timestep_fraction: float = Field(0.5, gt=0.0, le=1.0)
-    inner_epochs: int = Field(1, ge=1)
-
-
-class ReFLSection(StrictModel):
-    lam: float = 1.0
-    scale: float = Field(1.0, gt=0.0)
-    late_step_min: int = Field(0, ge=0)
-    late_step_max: int = Field(5, ge=1)
-
-
-class BackpropSection(StrictModel):
-    k: int = Field(1, ge=1)
-    interval: int = Field(5, ge=1)
-    checkpointing: bool = True
-    loss_scale: float = Field(1.0, gt=0.0)
-    original_text_prefix: bool = True
-    attention_steps: int = Field(2, ge=1)  # rewards that use cross-attention (CoMat): gradient steps whose maps are captured
-
-
 class AlgorithmSection(StrictModel):
-    name: Literal["dpok", "refl", "draft", "alignprop", "interval"] = "dpok"
+    """`name` selects the algorithm (ralign/algorithms/registry.py); each algorithm's settings are a section of their
+    own, `algorithm.<section>`, defined in its file (`algorithm.dpok`, `algorithm.refl`, `algorithm.backprop`, ...).
+    Sections of algorithms other than the selected one may be given (a `--set algorithm.name=...` then finds them)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str = "dpok"
     # Gradient algorithms: run the no-gradient prefix of each chain on the sampler actors and hand the latents to
     # the learners (true), or run the whole chain in the learner (false).
     prefix_on_samplers: bool = True
-    dpok: DPOKSection = DPOKSection()
-    refl: ReFLSection = ReFLSection()
-    backprop: BackpropSection = BackpropSection()
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _sections(cls, data, handler):
+        # Each section is validated by its algorithm's own settings model; errors keep their full key path.
+        if isinstance(data, dict):
+            from ralign.algorithms.registry import algorithm_class, algorithm_names, section_class, section_keys
+
+            data, errors = dict(data), []
+            known = section_keys()
+            name = data.get("name", cls.model_fields["name"].default)
+            try:
+                data.setdefault(algorithm_class(name).section, {})
+            except (ValueError, TypeError):
+                names = algorithm_names()
+                errors.append({"type": PydanticCustomError("unknown_algorithm", f"not a known algorithm; expected one of {names}"),
+                               "loc": ("name",), "input": name})
+            for key in [k for k in data if k not in cls.model_fields]:
+                if key not in known:
+                    errors.append({"type": "extra_forbidden", "loc": (key,), "input": data[key]})
+                    continue
+                value = data[key]
+                if isinstance(value, StrictModel):
+                    value = value.model_dump()
+                try:
+                    data[key] = section_class(key).model_validate(value)
+                except ValidationError as err:
+                    errors += [{**e, "loc": (key, *e["loc"])} for e in err.errors()]
+            if errors:
+                raise ValidationError.from_exception_data(cls.__name__, [{k: v for k, v in e.items() if k in ("type", "loc", "input", "ctx")} for e in errors])
+        return handler(data)
+
+    def settings_of(self, section: str) -> StrictModel:
+        """The validated settings of `algorithm.<section>` (its defaults when the config gives none)."""
+        from ralign.algorithms.registry import section_class
+
+        value = (self.__pydantic_extra__ or {}).get(section)
+        return value if value is not None else section_class(section)()
 
 
 class RewardSection(StrictModel):
@@ -91,6 +92,16 @@ class RewardSection(StrictModel):
     # Reward actors forward to this running Ray Serve reward application (`ralign serve`) instead of loading the
     # reward themselves; it must serve `name`. Learners of gradient algorithms still build it in-process (gradients).
     deployment: str | None = Field(None, pattern=r"^[a-z][a-z0-9_-]{0,40}$")
+
+    def spec(self, device: str | None = None, served: bool = False) -> dict:
+        """What `build_reward` takes: `{"name", **options}` (+ `device`); with `served`, the Serve application
+        reward actors forward to instead (when `deployment` is set)."""
+        spec = {"name": self.name, **self.options}
+        if device is not None:
+            spec["device"] = device
+        if served and self.deployment:
+            spec["deployment"] = self.deployment
+        return spec
 
 
 class PromptSection(StrictModel):
@@ -150,7 +161,7 @@ class RaySection(StrictModel):
     # The last iteration waits up to this long for the metrics rollouts already issued to be scored, so its logged
     # rollout reward covers all of them (it does not change what is trained).
     metric_wait_s: float = Field(120.0, ge=0)
-    # Faults (actors/rollout.py): a reward call running longer is abandoned (its samples quarantined, its actor
+    # Faults (ralign/rollout/schedule.py): a reward call running longer is abandoned (its samples quarantined, its actor
     # restarted); scoring is re-issued when a reward actor dies, up to max_score_attempts; this many failed reward
     # calls in a row (a reward server that stays down) stop the run with the last error.
     reward_timeout_s: float = Field(600.0, gt=0)
@@ -195,44 +206,23 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
-        algo, pol = self.algorithm, self.model.policy
-        from ralign.rewards.registry import is_differentiable, needs_attention, needs_chain_inputs, reward_names
+        pol = self.model.policy
+        from ralign.algorithms.registry import algorithm_class
+        from ralign.rewards.registry import needs_attention, needs_chain_inputs, reward_names
 
         if self.reward.name not in reward_names():
             raise ValueError(f"reward.name={self.reward.name!r} is not a known reward; expected one of {reward_names()}")
-        if algo.name in GRADIENT_ALGORITHMS and not is_differentiable(self.reward.name, self.reward.options):
-            raise ValueError(f"algorithm.name={algo.name} needs a differentiable reward; reward.name={self.reward.name} "
-                             f"{'has a non-differentiable term' if self.reward.name == 'weighted' else 'is not'}")
-        chain_terms = needs_chain_inputs(self.reward.name, self.reward.options)
-        if algo.name == "dpok" and chain_terms:
-            # Their attention is captured, and CoMat's discriminator trained, in the gradient algorithms' chains only.
-            raise ValueError(f"reward term(s) {chain_terms} score the chain's cross-attention or latents and train with a "
-                             "gradient algorithm; algorithm.name=dpok cannot use them")
+        if self.train.batch_size % self.train.micro_batch:
+            raise ValueError(f"train.batch_size={self.train.batch_size} must be a multiple of train.micro_batch={self.train.micro_batch}")
+        # What the algorithm accepts (rewards, policy settings, batch shapes) is the algorithm's to say.
+        algorithm_class(self.algorithm.name).check(self)
         if needs_attention(self.reward.name, self.reward.options) and pol.text_encoding != "plain":
-            raise ValueError(f"reward term(s) {chain_terms} score cross-attention per prompt token, which needs "
-                             f"model.policy.text_encoding=plain, not {pol.text_encoding}")
-        if algo.name == "dpok" and pol.eta <= 0:
-            raise ValueError("algorithm.name=dpok needs model.policy.eta > 0 (a deterministic chain has no log-probabilities)")
+            raise ValueError(f"reward term(s) {needs_chain_inputs(self.reward.name, self.reward.options)} score cross-attention "
+                             f"per prompt token, which needs model.policy.text_encoding=plain, not {pol.text_encoding}")
         if pol.text_encoder_weight != 1.0 and pol.text_encoder == "frozen":
             raise ValueError("model.policy.text_encoder_weight interpolates a tuned text encoder; model.policy.text_encoder=frozen has none")
         if pol.unet_lora_rank == 0 and pol.text_encoder == "frozen":
             raise ValueError("nothing to train: model.policy.unet_lora_rank=0 and model.policy.text_encoder=frozen")
-        if algo.name == "refl" and not (algo.refl.late_step_min < algo.refl.late_step_max <= pol.steps):
-            raise ValueError(
-                f"algorithm.refl late-step window [{algo.refl.late_step_min}, {algo.refl.late_step_max}) must lie inside "
-                f"model.policy.steps={pol.steps}"
-            )
-        if algo.name in ("draft", "alignprop") and algo.backprop.k > pol.steps:
-            raise ValueError(f"algorithm.backprop.k={algo.backprop.k} is longer than model.policy.steps={pol.steps}")
-        if self.train.batch_size % self.train.micro_batch:
-            raise ValueError(f"train.batch_size={self.train.batch_size} must be a multiple of train.micro_batch={self.train.micro_batch}")
-        if algo.name in GRADIENT_ALGORITHMS and (self.ray.request_batch % self.train.micro_batch or self.train.batch_size % self.ray.request_batch):
-            # Each sampler request carries one plan (where its prefix stops, which steps get gradient), so a
-            # micro-batch must not straddle two requests.
-            raise ValueError(
-                f"gradient algorithms need ray.request_batch={self.ray.request_batch} to be a multiple of "
-                f"train.micro_batch={self.train.micro_batch} and to divide train.batch_size={self.train.batch_size}"
-            )
         return self
 
     def policy_spec(self) -> dict:
@@ -243,3 +233,23 @@ class TrainConfig(StrictModel):
             return self.ray.max_unconsumed
         per_iteration = -(-self.train.batch_size * self.ray.learners // self.ray.request_batch)
         return max(1, self.ray.max_staleness) * per_iteration
+
+
+# `ralign sft` (jobs/sft.py): a supervised stage on renders of the world's prompts, e.g. LongAlign's stage 1.
+class SFTConfig(StrictModel):
+    model: ModelSection = ModelSection()
+    families: list[Literal["single", "binding", "counting", "spatial", "size", "long"]] = ["long", "single", "binding", "counting", "spatial", "size"]
+    family_weights: list[float] | None = None  # default: equal
+    split: Literal["train", "all"] = "train"
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    caption_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 0
+    out: str = "runs/sft"
+    log_every: int = Field(50, ge=1)
+    tracking: TrackingSection = TrackingSection()
+
+    def policy_spec(self) -> dict:
+        return self.model.policy_spec(self.seed)

@@ -15,23 +15,19 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ralign.algorithms.advantages import PerPromptNormalizer
-from ralign.algorithms.direct_backprop import DirectBackpropConfig, backprop_update, gradient_steps
-from ralign.algorithms.dpok import DPOKConfig, dpok_update
-from ralign.algorithms.refl import ReFLConfig, choose_late_step, prefix as refl_prefix, refl_update
-from ralign.training.distributed import active_dist
+from ralign.algorithms.registry import build_algorithm
+from ralign.algorithms.base import UpdateContext
 from ralign.diffusion.policy import DiffusionPolicy
-from ralign.diffusion.sampler import Trajectory, initial_noise
-from ralign.training.config import GRADIENT_ALGORITHMS, TrainConfig
+from ralign.diffusion.seeding import learner_generator
+from ralign.training.config import TrainConfig
+from ralign.training.distributed import active_dist
 
 log = logging.getLogger(__name__)
 
@@ -43,65 +39,8 @@ class BadRewardsError(RuntimeError):
     """Too many rewards were NaN/inf: the run stops rather than train on what is left."""
 
 
-@dataclass
-class LearnerBatch:
-    """What one learner worker trains on in one iteration."""
-
-    prompts: list[str]
-    seeds: list[int]
-    versions: list[int]  # policy version each sample was drawn with
-    # DPOK: the sampled chains and their rewards (from the reward actors)
-    latents: torch.Tensor | None = None  # (B, K+1, C, H, W)
-    log_probs: torch.Tensor | None = None  # (B, K)
-    timesteps: torch.Tensor | None = None  # (K,)
-    scores: torch.Tensor | None = None  # (B,)
-    # gradient algorithms: where each chain continues (a sampler actor ran the no-gradient prefix)
-    start_latents: torch.Tensor | None = None  # (B, C, H, W)
-    # one plan per consecutive chunk of samples: (start_step, gradient steps, chunk size); ReFL's gradient steps
-    # are [k], direct backprop's the gradient-carrying steps
-    plans: list[tuple[int, list[int], int]] = field(default_factory=list)
-    ids: list[int] | None = None  # the pipeline's sample ids (quarantine records name them)
-
-
-def dpok_config(cfg: TrainConfig) -> DPOKConfig:
-    d = cfg.algorithm.dpok
-    return DPOKConfig(alpha=d.alpha, beta=d.beta, clip_range=d.clip_range, adv_clip=d.adv_clip, timestep_fraction=d.timestep_fraction)
-
-
-def refl_config(cfg: TrainConfig) -> ReFLConfig:
-    r = cfg.algorithm.refl
-    return ReFLConfig(lam=r.lam, scale=r.scale, late_step_min=r.late_step_min, late_step_max=r.late_step_max)
-
-
-def backprop_config(cfg: TrainConfig) -> DirectBackpropConfig:
-    b = cfg.algorithm.backprop
-    mode = {"draft": "draft", "alignprop": "alignprop", "interval": "interval"}[cfg.algorithm.name]
-    return DirectBackpropConfig(mode=mode, k=b.k, interval=b.interval, checkpointing=b.checkpointing,
-                                loss_scale=b.loss_scale, original_text_prefix=b.original_text_prefix,
-                                attention_steps=b.attention_steps)
-
-
-def draw_gradient_steps(cfg: TrainConfig, generator: torch.Generator) -> list[int]:
-    """The denoising steps that carry gradient in one chain: ReFL's random late step, or direct backprop's steps."""
-    if cfg.algorithm.name == "refl":
-        return [choose_late_step(cfg.model.policy.steps, refl_config(cfg), generator)]
-    return gradient_steps(cfg.model.policy.steps, backprop_config(cfg), generator)
-
-
-def micro_batches(cfg: TrainConfig) -> int:
-    return cfg.train.batch_size // cfg.train.micro_batch
-
-
-def backwards_per_update(cfg: TrainConfig) -> int:
-    """Backward passes in one optimiser update (DeepSpeed's gradient_accumulation_steps)."""
-    if cfg.algorithm.name == "dpok":
-        trained_steps = max(1, round(cfg.algorithm.dpok.timestep_fraction * cfg.model.policy.steps))
-        return micro_batches(cfg) * trained_steps
-    return micro_batches(cfg)
-
-
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    gas = backwards_per_update(cfg)
+def deepspeed_config(cfg: TrainConfig, world_size: int, gas: int) -> dict:
+    """`gas`: the algorithm's backward passes per update."""
     ds = {
         "train_micro_batch_size_per_gpu": 1,  # nominal: batches are ours, DeepSpeed only counts backward passes
         "gradient_accumulation_steps": gas,
@@ -166,19 +105,19 @@ class Learner:
         import deepspeed
 
         self.cfg, self.policy, self.reward = cfg, policy, reward
-        if cfg.algorithm.name in GRADIENT_ALGORITHMS and reward is None:
+        self.algorithm = build_algorithm(cfg)
+        if self.algorithm.reward_in_learner and reward is None:
             raise ValueError(f"{cfg.algorithm.name} needs its differentiable reward in the learner")
         _ensure_process_group()
         dist = active_dist()
         self.rank = dist.get_rank() if dist else 0
         self.world_size = dist.get_world_size() if dist else 1
-        self.ds_config = deepspeed_config(cfg, self.world_size)
+        self.gas = self.algorithm.backwards_per_update()
+        self.ds_config = deepspeed_config(cfg, self.world_size, self.gas)
         self.module = PolicyModule(policy)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.module, model_parameters=self._param_groups(), config=self.ds_config)
-        self.gas = self.ds_config["gradient_accumulation_steps"]
-        self.normalizer = PerPromptNormalizer()
         self.iteration = 0  # completed iterations
-        self.generator = torch.Generator().manual_seed(cfg.train.seed + 7919 * self.rank)
+        self.generator = learner_generator(cfg.train.seed, self.rank)
         self.bad_rewards = 0
         self.seen_rewards = 0
         self._stage0_grad_norm = 0.0
@@ -197,7 +136,9 @@ class Learner:
 
     # ---- DeepSpeed plumbing -------------------------------------------------------------------------------------
     def _backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss / micro_batches(self.cfg), scale_wrt_gas=False)
+        # The algorithms' losses are sums over denoising steps and means over a micro-batch's samples: each
+        # micro-batch's share of the update is 1 / (micro-batches per update).
+        self.engine.backward(loss / (self.cfg.train.batch_size // self.cfg.train.micro_batch), scale_wrt_gas=False)
         if self.cfg.deepspeed.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
             # Without ZeRO the engine does not record the global norm; take it before the step clips and clears.
             grads = [p.grad.detach().norm() for p in self.module.parameters() if p.grad is not None]
@@ -206,12 +147,15 @@ class Learner:
         self._backwards += 1
         self.engine()  # the next micro-step begins (see PolicyModule.forward)
 
-    def _pad_backwards(self, target: int) -> None:
+    def _end_update(self) -> None:
         # Every rank must make the same number of backward passes per update (the engine counts them to find the
         # accumulation boundary and all-reduce), even when quarantined samples left a micro-batch with no loss.
-        while self._backwards < target:
+        if self._backwards > self.gas:
+            raise RuntimeError(f"{self.cfg.algorithm.name} made {self._backwards} backward passes in one update; it declares {self.gas}")
+        while self._backwards < self.gas:
             zero = sum((p * 0).sum() for p in self.module.parameters() if p.requires_grad)
             self._backward(zero)
+        self._backwards = 0
 
     def _global_mean(self, values: dict[str, float]) -> dict[str, float]:
         dist = active_dist()
@@ -231,20 +175,30 @@ class Learner:
         return out
 
     # ---- one iteration ------------------------------------------------------------------------------------------
-    def update(self, batch: LearnerBatch) -> dict[str, float]:
-        """One optimiser update (several for DPOK's inner epochs) on this worker's batch; stats averaged over ranks."""
+    def update(self, batch) -> dict[str, float]:
+        """One iteration of the configured algorithm on this worker's batch (`Chains` for algorithms that learn from
+        scored rollouts, `Prefixes` for gradient algorithms); stats averaged over ranks."""
         self.engine.train()
         self.engine()  # the first micro-step begins (see PolicyModule.forward)
-        if self.cfg.algorithm.name == "dpok":
-            stats = self._update_dpok(batch)
-        else:
-            stats = self._update_gradient(batch)
+        self._backwards = 0
+        ctx = UpdateContext(policy=self.policy, reward=self.reward, micro_batch=self.cfg.train.micro_batch,
+                            generator=self.generator, backward=self._backward, end_update=self._end_update,
+                            gather=self._gather, rank=self.rank, world_size=self.world_size)
+        stats = self.algorithm.update(batch, ctx)
+        if self._backwards:
+            raise RuntimeError(f"{self.cfg.algorithm.name} left {self._backwards} backward passes without ending the update")
+        for record in ctx.quarantined:
+            record["iteration"] = self.iteration + 1
+        self.quarantined += ctx.quarantined
+        if "quarantined" in stats:
+            self._check_bad_rewards(int(stats["quarantined"]), len(batch))
+        stats = self._global_mean(stats)
         self.iteration += 1
         self.policy.version += 1
         norm = self.engine.get_global_grad_norm() if self.cfg.deepspeed.zero_stage > 0 else self._stage0_grad_norm
         stats["grad_norm"] = float(norm or 0.0)
         stats["lr"] = float(self.optimizer.param_groups[0]["lr"])
-        stats["staleness"] = float(np.mean([self.policy.version - 1 - v for v in batch.versions])) if batch.versions else 0.0
+        stats["staleness"] = float(np.mean([self.policy.version - 1 - v for v in batch.versions])) if len(batch) else 0.0
         return stats
 
     def take_quarantined(self) -> list[dict]:
@@ -262,83 +216,6 @@ class Learner:
                 f"train.max_bad_reward_fraction={self.cfg.train.max_bad_reward_fraction}); stopping"
             )
 
-    def _update_dpok(self, batch: LearnerBatch) -> dict[str, float]:
-        cfg = dpok_config(self.cfg)
-        scores = batch.scores.float()
-        # Per-prompt normalisation over the global batch (all learner workers), as DDPO/DPOK do.
-        gathered = self._gather((list(batch.prompts), scores.tolist()))
-        all_prompts = [p for ps, _ in gathered for p in ps]
-        all_scores = torch.tensor([s for _, ss in gathered for s in ss])
-        all_adv = self.normalizer(all_prompts, all_scores)
-        offset = sum(len(ps) for ps, _ in gathered[: self.rank])
-        advantages = all_adv[offset : offset + len(batch.prompts)]
-        mb = self.cfg.train.micro_batch
-        totals: dict[str, float] = {}
-        for _ in range(self.cfg.algorithm.dpok.inner_epochs):
-            self._backwards = 0
-            for start in range(0, len(batch.prompts), mb):
-                sl = slice(start, start + mb)
-                dev = self.policy.device
-                traj = Trajectory(batch.prompts[sl], batch.latents[sl].to(dev), batch.log_probs[sl].to(dev), None, None, batch.timesteps)
-                s = dpok_update(self.policy, traj, advantages[sl].to(dev), cfg, backward=self._backward, generator=self.generator)
-                for k, v in s.items():
-                    totals[k] = totals.get(k, 0.0) + v / (micro_batches(self.cfg) * self.cfg.algorithm.dpok.inner_epochs)
-            self._pad_backwards(self.gas)
-        totals.pop("trained_steps", None)
-        totals["reward_mean"] = float(all_scores.mean())
-        totals["reward_std"] = float(all_scores.std()) if len(all_scores) > 1 else 0.0
-        return self._global_mean(totals) | {"reward_mean": totals["reward_mean"], "reward_std": totals["reward_std"]}
-
-    def _update_gradient(self, batch: LearnerBatch) -> dict[str, float]:
-        name = self.cfg.algorithm.name
-        mb = self.cfg.train.micro_batch
-        self._backwards = 0
-        totals: dict[str, float] = {}
-        bad = 0
-        # Without a plan from the coordinator (in-process use) the learner draws the gradient steps itself.
-        plans = batch.plans or [(0, draw_gradient_steps(self.cfg, self.generator), len(batch.prompts))]
-        chunk_start = 0
-        for start_step, grad_steps, size in plans:
-            for start in range(chunk_start, chunk_start + size, mb):
-                sl = slice(start, min(start + mb, chunk_start + size))
-                prompts, seeds = batch.prompts[sl], batch.seeds[sl]
-                if batch.start_latents is not None:
-                    x_start = batch.start_latents[sl].to(self.policy.device)
-                else:
-                    x_start = initial_noise(self.policy.latent_shape(), seeds, device=self.policy.device)
-                before = self._backwards
-                found: list[dict] = []
-                if name == "refl":
-                    k = grad_steps[0]
-                    if start_step < k:  # the learner runs the prefix itself (algorithm.prefix_on_samplers=false)
-                        x_start = _continue_prefix(self.policy, prompts, seeds, start_step, k)
-                    s = refl_update(self.policy, prompts, x_start, k, self.reward, refl_config(self.cfg), backward=self._backward,
-                                    quarantine=found)
-                else:
-                    s = backprop_update(self.policy, prompts, seeds, self.reward, backprop_config(self.cfg), backward=self._backward,
-                                        start_latents=x_start, start_step=start_step, grad_steps=grad_steps, generator=self.generator,
-                                        quarantine=found)
-                for record in found:
-                    i = sl.start + record.pop("index")
-                    record.update(id=batch.ids[i] if batch.ids else None, seed=batch.seeds[i], version=self.policy.version,
-                                  iteration=self.iteration + 1)
-                self.quarantined += found
-                bad += int(s.pop("quarantined", 0))
-                if self._backwards == before:
-                    continue  # every sample of this micro-batch was quarantined: nothing to average in
-                for key, v in s.items():
-                    if math.isfinite(v):
-                        totals[key] = totals.get(key, 0.0) + v / micro_batches(self.cfg)
-            chunk_start += size
-        self._pad_backwards(self.gas)
-        self._check_bad_rewards(bad, len(batch.prompts))
-        totals["quarantined"] = float(bad)
-        if "reward" in totals:
-            totals["reward_mean"] = totals.pop("reward")
-        for key in ("step_k", "grad_steps"):
-            totals.pop(key, None)
-        return self._global_mean(totals)
-
     # ---- weights and checkpoints --------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
         if self.cfg.deepspeed.zero_stage == 3:
@@ -351,7 +228,7 @@ class Learner:
 
     def reward_shared_weights(self) -> dict[str, torch.Tensor] | None:
         """Weights of a reward that trains here (CoMat's discriminator), for the reward actors that score with it."""
-        if hasattr(self.reward, "adversarial_update") and getattr(self.reward, "trains", True) and hasattr(self.reward, "shared_weights"):
+        if self.reward is not None and self.reward.trains:
             return self.reward.shared_weights() or None
         return None
 
@@ -366,13 +243,13 @@ class Learner:
                       metadata={"version": str(self.policy.version), "iteration": str(self.iteration)})
             record = {
                 "iteration": self.iteration, "version": self.policy.version,
-                "normalizer": {p: list(h) for p, h in self.normalizer.history.items()},
+                "algorithm": self.algorithm.state_dict(),
                 "bad_rewards": self.bad_rewards, "seen_rewards": self.seen_rewards,
                 "generator": self.generator.get_state().tolist(),
                 "policy_spec": self.cfg.policy_spec(),
             }
             record.update(extra or {})
-            if hasattr(self.reward, "save_state"):  # a reward that trains alongside (CoMat's discriminator)
+            if self.reward is not None:  # a reward that trains alongside (CoMat's discriminator) saves its state
                 self.reward.save_state(directory)
             (directory / STATE_FILE).write_text(json.dumps(record))
         from ralign.training.checkpoint import write_manifest
@@ -389,7 +266,7 @@ class Learner:
         directory = Path(directory)
         verify_manifest(directory)
         record = read_json(directory / STATE_FILE)
-        missing = [k for k in ("iteration", "version", "normalizer", "bad_rewards", "seen_rewards", "generator") if k not in record]
+        missing = [k for k in ("iteration", "version", "algorithm", "bad_rewards", "seen_rewards", "generator") if k not in record]
         if missing:
             raise CheckpointError(f"{directory / STATE_FILE}: missing {', '.join(missing)}")
         with weights_only_engine_loads(self.engine):
@@ -400,18 +277,9 @@ class Learner:
         weights = directory / ADAPTER_FILE
         self.policy.load_trainable_state(read_safetensors(weights), record["version"], source=str(weights), complete=True)
         self.iteration = record["iteration"]
-        self.normalizer.history.clear()
-        for p, h in record["normalizer"].items():
-            self.normalizer.history[p].extend(h)
+        self.algorithm.load_state_dict(record["algorithm"])
         self.bad_rewards, self.seen_rewards = record["bad_rewards"], record["seen_rewards"]
         self.generator.set_state(torch.tensor(record["generator"], dtype=torch.uint8))
-        if hasattr(self.reward, "load_state"):
+        if self.reward is not None:
             self.reward.load_state(directory)
         return record
-
-
-@torch.no_grad()
-def _continue_prefix(policy: DiffusionPolicy, prompts, seeds, start_step: int, stop_step: int) -> torch.Tensor:
-    if start_step == 0:
-        return refl_prefix(policy, prompts, seeds, stop_step)
-    raise ValueError(f"a handed-over ReFL prefix must end at the gradient step {stop_step}, not at {start_step}")

@@ -7,7 +7,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from ralign.world.prompts import FAMILIES, PromptSample, generate
+from ralign.world.prompts import FAMILIES, PromptSample
+from ralign.world.prompts import stream as prompt_stream
 from ralign.world.scene import render
 
 
@@ -15,12 +16,6 @@ def images_to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
     """uint8 HxWx3 arrays -> float tensor (B, 3, H, W) in [-1, 1], the convention of diffusers' VAEs."""
     arr = np.stack(images).astype(np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
-
-
-def tensor_to_images(x: torch.Tensor) -> list[np.ndarray]:
-    """Inverse of `images_to_tensor` (values are clamped to [-1, 1] first)."""
-    arr = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return list(arr.permute(0, 2, 3, 1).cpu().numpy())
 
 
 def render_samples(samples: Sequence[PromptSample]) -> torch.Tensor:
@@ -39,17 +34,19 @@ def sample_stream(
     weights = np.asarray(family_weights if family_weights is not None else [1.0] * len(families), dtype=np.float64)
     weights = weights / weights.sum()
     rng = np.random.default_rng(seed)
-    pools = {f: [] for f in families}
+    pools: dict = {f: None for f in families}
+    left = {f: 0 for f in families}
     round_no = 0
     while True:
         picks = rng.choice(len(families), size=batch_size, p=weights)
         batch = []
         for i in picks:
             fam = families[int(i)]
-            if not pools[fam]:
-                # Fresh prompts per round: each round uses its own generator seed, so no prompt list is held in memory.
+            if not left[fam]:
+                # A fresh stream every `chunk` prompts of a family, each round with its own generator seed; prompts
+                # are drawn as they are used, so a short run pays for what it takes, not for whole chunks.
                 round_no += 1
-                pools[fam] = generate(fam, chunk, split, seed=seed * 100_003 + round_no)
-                pools[fam].reverse()
-            batch.append(pools[fam].pop())
+                pools[fam], left[fam] = prompt_stream(fam, split, seed=seed * 100_003 + round_no), chunk
+            batch.append(next(pools[fam]))
+            left[fam] -= 1
         yield batch

@@ -7,7 +7,6 @@ one image grid per family with a green (all correct) or red frame around each im
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ralign.config import UserError
 from ralign.world import oracle
 from ralign.world.prompts import FAMILIES, SPLITS, generate
 from ralign.world.scene import render
@@ -27,7 +27,7 @@ GRID_COLUMNS = 8
 
 def eval_prompts(split: str, n: int, seed: int = 0, families: Sequence[str] = FAMILIES):
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+        raise UserError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
     # Evaluation prompts come from their own seed stream (seed + 10_000) so they never coincide with the RL prompt
     # stream of the same split by construction of the seeds.
     return {f: generate(f, n, split=split, seed=seed + 10_000) for f in families}
@@ -97,9 +97,3 @@ def evaluate_generator(
         for fam, samples in samples_by_family.items():
             write_grid(Path(grid_dir) / f"grid_{fam}.png", [s.prompt for s in samples], images_by_family[fam])
     return report
-
-
-def write_report(report: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")

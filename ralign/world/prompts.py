@@ -9,10 +9,14 @@ everything) draws from every combination.
 
 from __future__ import annotations
 
+import itertools
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+
+from ralign.config import UserError
 
 from ralign.world.scene import COLORS, GRID, SHAPES, SIZES, Scene, SceneObject, random_jitter
 
@@ -216,19 +220,31 @@ def _stream_seed(seed: int, family: str, split: str) -> list[int]:
 def generate(family: str, n: int, split: str = "train", seed: int = 0) -> list[PromptSample]:
     """`n` prompts of one family, deterministic in (family, n, split, seed); the first k of n are those of k."""
     if family not in _BUILDERS:
-        raise ValueError(f"unknown prompt family {family!r}; expected one of {list(FAMILIES)}")
+        raise UserError(f"unknown prompt family {family!r}; expected one of {list(FAMILIES)}")
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+        raise UserError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
     if n < 0:
         raise ValueError("n must be >= 0")
+    return list(itertools.islice(stream(family, split, seed), n))
+
+
+def stream(family: str, split: str = "train", seed: int = 0) -> Iterator[PromptSample]:
+    """The prompts `generate(family, n, split, seed)` returns, one at a time and without end (drawn only when asked
+    for: a consumer that stops early pays for what it took)."""
+    if family not in _BUILDERS:
+        raise UserError(f"unknown prompt family {family!r}; expected one of {list(FAMILIES)}")
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+    return _stream(family, split, seed)
+
+
+def _stream(family: str, split: str, seed: int) -> Iterator[PromptSample]:
     rng = np.random.default_rng(_stream_seed(seed, family, split))
-    out = []
-    for _ in range(n):
+    while True:
         draw = _Draw(rng, split)
         prompt, objects = _BUILDERS[family](draw)
         unseen = any(o.combo not in TRAIN_COMBOS for o in objects)
-        out.append(PromptSample(prompt, family, split, _scene(draw, objects), unseen))
-    return out
+        yield PromptSample(prompt, family, split, _scene(draw, objects), unseen)
 
 
 def generate_mixed(n: int, split: str = "train", seed: int = 0, families: tuple[str, ...] = FAMILIES) -> list[PromptSample]:

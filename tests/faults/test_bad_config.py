@@ -85,9 +85,9 @@ def test_gradient_algorithm_with_a_non_differentiable_reward_is_refused(ralign_c
     from PIL import Image
 
     from ralign.rewards import registry
-    from ralign.rewards.base import RewardOutput
+    from ralign.rewards.base import Reward, RewardOutput
 
-    class JpegCompressibility:
+    class JpegCompressibility(Reward):
         name, differentiable = "jpeg_compressibility", False
 
         def __init__(self, device: str = "cpu"):

@@ -14,7 +14,8 @@ import torch
 from ralign.models.weights import CheckpointError
 from ralign.training.checkpoint import MANIFEST_GLOB, verify_manifest, write_manifest
 from ralign.config import parse_config
-from ralign.training.learner import Learner, LearnerBatch
+from ralign.rollout.batch import Prefixes
+from ralign.training.learner import Learner
 from ralign.diffusion.policy import build_policy
 from ralign.rewards.colorfulness import ColorfulnessReward
 from ralign.training.config import TrainConfig
@@ -113,7 +114,7 @@ def _trained_learner(zero_stage: int = 2) -> Learner:
     cfg = _cfg(zero_stage)
     torch.manual_seed(0)
     learner = Learner(cfg, build_policy(cfg.policy_spec()), ColorfulnessReward())
-    learner.update(LearnerBatch(PROMPTS, SEEDS, [0, 0]))  # so that the optimiser has moments to save
+    learner.update(Prefixes.from_prompts(PROMPTS, SEEDS))  # so that the optimiser has moments to save
     return learner
 
 

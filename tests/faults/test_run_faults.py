@@ -35,7 +35,7 @@ def _cmd(tmp_path: Path, *overrides: str) -> list[str]:
 
 def _poisoned_word() -> tuple[str, int]:
     """A word in some but not all of the run's training prompts, and in how many of them."""
-    from actors.coordinator import PromptSource
+    from ralign.rollout.prompts import PromptSource
     from ralign.config import load_config
     from ralign.training.config import TrainConfig
 

@@ -1,15 +1,13 @@
-"""Direct reward backpropagation through the sampling chain: DRaFT-K, AlignProp, and the interval scheme.
+"""Direct reward backpropagation through the sampling chain: what DRaFT-K (draft.py), AlignProp (alignprop.py) and
+the interval scheme of CoMat and LongAlign (interval.py) share. They differ only in which denoising steps carry
+gradient into the trainable weights; their settings are one section, `algorithm.backprop`.
 
-Which denoising steps carry gradient into the trainable weights:
-- `draft`: the last K steps (DRaFT-K); K = 1 is DRaFT-1.
-- `alignprop`: the last K steps with K drawn uniformly from [1, k] each update (AlignProp's random truncation).
-- `interval`: every `interval`-th step from a random offset (what CoMat and LongAlign do: 5 of 50 steps); between
-  them the UNet runs without parameter gradient but the latent path stays differentiable, so gradient from the
-  reward reaches the earlier gradient steps through the chain.
 Everything before the first gradient step is a no-gradient prefix; it can run in a sampler actor and be handed over
-(`start_latents`, `start_step`). TextCraftor trains the text encoder with `draft`: the prefix uses the original
-encoder's embeddings, the gradient steps the tuned encoder's. UNet calls with gradient are checkpointed, so memory
-grows with the number of gradient steps by one latent per step, not by one UNet's activations per step.
+(`start_latents`, `start_step`). Between gradient steps the UNet runs without parameter gradient but the latent path
+stays differentiable, so gradient from the reward reaches the earlier gradient steps through the chain. TextCraftor
+trains the text encoder with DRaFT: the prefix uses the original encoder's embeddings, the gradient steps the tuned
+encoder's. UNet calls with gradient are checkpointed, so memory grows with the number of gradient steps by one latent
+per step, not by one UNet's activations per step.
 
 Rewards that need more than the final images (CoMat, ralign/rewards/base.py) get them from here: the cross-attention
 maps of `attention_steps` randomly chosen gradient steps (those UNet calls run un-checkpointed, with recording
@@ -20,58 +18,52 @@ attention processors), and the final latents. A reward that trains alongside (Co
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from pydantic import Field
 from torch.utils.checkpoint import checkpoint
 
+from ralign.algorithms.base import GradientAlgorithm, UpdateContext
+from ralign.config import StrictModel
 from ralign.diffusion.attention_capture import AttentionStore
-from ralign.diffusion.policy import DiffusionPolicy, step_generator
-from ralign.rewards.base import Reward, finite_mask, quarantine_records
-from ralign.diffusion.sampler import ddim_step_with_logprob, decode_latents, guided_noise, initial_noise
+from ralign.diffusion.sampler import ddim_step_with_logprob, decode_latents, guided_noise
+from ralign.diffusion.seeding import initial_noise, step_generator
 from ralign.diffusion.text_encoding import token_offsets
+from ralign.rewards.base import Reward, finite_mask, quarantine_records
+
+if TYPE_CHECKING:
+    from ralign.diffusion.policy import DiffusionPolicy
+    from ralign.rollout.batch import Prefixes
 
 
-@dataclass
-class DirectBackpropConfig:
-    mode: str = "draft"  # draft | alignprop | interval
-    k: int = 1  # draft: gradient steps; alignprop: maximum truncation
-    interval: int = 10  # interval mode: one gradient step every `interval` steps
-    checkpointing: bool = True
-    loss_scale: float = 1.0
-    original_text_prefix: bool = True  # TextCraftor: original encoder for no-gradient steps
-    attention_steps: int = 2  # rewards that use attention: gradient steps whose cross-attention is captured (CoMat: 2)
+class BackpropSettings(StrictModel):
+    k: int = Field(1, ge=1)  # draft: gradient steps at the end of the chain; alignprop: the largest truncation
+    interval: int = Field(5, ge=1)  # interval: one gradient step every `interval` steps from a random offset
+    checkpointing: bool = True  # recompute UNet activations in backward (memory of one latent per gradient step)
+    loss_scale: float = Field(1.0, gt=0.0)
+    original_text_prefix: bool = True  # TextCraftor: the pretrained text encoder for the no-gradient steps
+    attention_steps: int = Field(2, ge=1)  # rewards that score cross-attention (CoMat): gradient steps whose maps are captured
 
 
-def gradient_steps(steps: int, cfg: DirectBackpropConfig, generator: torch.Generator | None = None) -> list[int]:
-    """Indices (0 = first denoising step) of the steps whose UNet call carries gradient."""
-    if cfg.mode == "draft":
-        k = cfg.k
-    elif cfg.mode == "alignprop":
-        k = int(torch.randint(1, cfg.k + 1, (1,), generator=generator))
-    elif cfg.mode == "interval":
-        offset = int(torch.randint(0, cfg.interval, (1,), generator=generator))
-        return list(range(offset, steps, cfg.interval))
-    else:
-        raise ValueError(f"direct backprop mode must be draft, alignprop or interval, got {cfg.mode!r}")
-    if not 1 <= k <= steps:
-        raise ValueError(f"k={k} gradient steps do not fit a {steps}-step chain")
-    return list(range(steps - k, steps))
-
-
-def _unet_eps(policy: DiffusionPolicy, x, t, cond, uncond, use_checkpoint: bool):
+def _unet_eps(policy: "DiffusionPolicy", x, t, cond, uncond, use_checkpoint: bool):
     if use_checkpoint:
         return checkpoint(guided_noise, policy.unet, x, t, cond, uncond, policy.cfg.guidance, use_reentrant=False)
     return guided_noise(policy.unet, x, t, cond, uncond, policy.cfg.guidance)
 
 
+def _ddim_deterministic(policy: "DiffusionPolicy", eps: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
+    # eta = 0: diffusers' own DDIM step is differentiable in eps and x.
+    return policy.scheduler.step(eps, t, x, eta=0.0).prev_sample
+
+
 def run_chain(
-    policy: DiffusionPolicy,
+    policy: "DiffusionPolicy",
     prompts: Sequence[str],
     start_latents: torch.Tensor,
     start_step: int,
     grad_steps: Sequence[int],
-    cfg: DirectBackpropConfig,
+    cfg: BackpropSettings,
     generator: torch.Generator | None = None,
     attention_store: AttentionStore | None = None,
     attention_steps: Sequence[int] = (),
@@ -107,45 +99,44 @@ def run_chain(
     return x, maps
 
 
-def _ddim_deterministic(policy: DiffusionPolicy, eps: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
-    # eta = 0: diffusers' own DDIM step is differentiable in eps and x.
-    return policy.scheduler.step(eps, t, x, eta=0.0).prev_sample
+def pick_attention_steps(grad_steps: Sequence[int], count: int, generator: torch.Generator | None) -> list[int]:
+    """`count` of the gradient steps, drawn at random, whose cross-attention is captured (CoMat: 2)."""
+    order = torch.randperm(len(grad_steps), generator=generator)[:count].tolist()
+    return sorted(grad_steps[i] for i in order)
 
 
 def backprop_update(
-    policy: DiffusionPolicy,
+    policy: "DiffusionPolicy",
     prompts: Sequence[str],
     seeds: Sequence[int],
     reward: Reward,
-    cfg: DirectBackpropConfig,
+    cfg: BackpropSettings,
+    grad_steps: Sequence[int],
     backward: Callable[[torch.Tensor], None] = lambda loss: loss.backward(),
     start_latents: torch.Tensor | None = None,
     start_step: int = 0,
-    grad_steps: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     quarantine: list | None = None,
 ) -> dict[str, float]:
-    """Loss = -mean reward of the decoded final images; backward through the chosen steps (the caller steps).
+    """Loss = -mean reward of the decoded final images; backward through `grad_steps` (the caller steps).
     Samples whose reward is not finite are left out of the loss (and described in `quarantine`, when given)."""
-    if grad_steps is None:
-        grad_steps = gradient_steps(policy.cfg.steps, cfg, generator)
+    grad_steps = list(grad_steps)
     if start_latents is None:
         start_latents = initial_noise(policy.latent_shape(), seeds, device=policy.device)
     inputs, store, attention_steps = {}, None, []
-    if getattr(reward, "uses_attention", False) and grad_steps:
+    if reward.uses_attention and grad_steps:
         if policy.cfg.text_encoding != "plain":
             raise ValueError("attention-based rewards need token positions of the plain text encoding, not segment encoding")
         store = AttentionStore(policy.unet)
-        order = torch.randperm(len(grad_steps), generator=generator)[: cfg.attention_steps].tolist()
-        attention_steps = sorted(grad_steps[i] for i in order)
+        attention_steps = pick_attention_steps(grad_steps, cfg.attention_steps, generator)
     x0, maps = run_chain(policy, prompts, start_latents, start_step, grad_steps, cfg, generator, store, attention_steps)
     images = decode_latents(policy.vae, x0)
     if store is not None:
         inputs["attention"] = {"maps": maps, "token_offsets": [token_offsets(policy.tokenizer, p) for p in prompts]}
-    if getattr(reward, "uses_latents", False):
+    if reward.uses_latents:
         inputs["latents"] = x0
     stats: dict[str, float] = {}
-    if hasattr(reward, "adversarial_update") and getattr(reward, "trains", True):
+    if reward.trains:
         # The discriminator learns before the generator is scored against it, on the same micro-batch.
         stats.update(reward.adversarial_update(frozen_model_latents(policy, prompts, seeds), x0.detach()))
     out = reward(images, prompts, **inputs)
@@ -153,19 +144,38 @@ def backprop_update(
     if quarantine is not None and not ok.all():
         quarantine.extend(quarantine_records(out, ok, prompts, images))
     if not ok.any():
-        return {"loss": float("nan"), "reward": float("nan"), "quarantined": float((~ok).sum())}
+        return {"loss": float("nan"), "reward": float("nan"), "quarantined": float((~ok).sum()), "skipped": True}
     loss = -out.score[ok].mean() * cfg.loss_scale
     backward(loss)
-    stats.update({"loss": loss.item(), "reward": out.score[ok].mean().item(), "quarantined": float((~ok).sum()),
-                  "grad_steps": float(len(grad_steps))})
+    stats.update({"loss": loss.item(), "reward": out.score[ok].mean().item(), "quarantined": float((~ok).sum())})
     stats.update({f"reward/{k}": v[ok].mean().item() for k, v in out.components.items()})
     return stats
 
 
 @torch.no_grad()
-def frozen_model_latents(policy: DiffusionPolicy, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+def frozen_model_latents(policy: "DiffusionPolicy", prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
     """What the pretrained model (adapters off, original text encoder) generates for these prompts and noise."""
     x_T = initial_noise(policy.latent_shape(), seeds, device=policy.device)
     with policy.reference():
-        x0, _ = run_chain(policy, prompts, x_T, 0, [], DirectBackpropConfig(original_text_prefix=True), step_generator(seeds))
+        x0, _ = run_chain(policy, prompts, x_T, 0, [], BackpropSettings(original_text_prefix=True), step_generator(seeds))
     return x0
+
+
+class BackpropAlgorithm(GradientAlgorithm):
+    """What DRaFT, AlignProp and the interval scheme share: the chain, the settings, TextCraftor's prefix."""
+
+    section = "backprop"
+    Settings = BackpropSettings
+
+    def original_text_prefix(self) -> bool:
+        # TextCraftor: a run that tunes the text encoder starts its chains with the original encoder.
+        return self.settings.original_text_prefix and self.cfg.model.policy.text_encoder != "frozen"
+
+    def attention_steps(self, grad_steps: list[int], generator: torch.Generator) -> list[int]:
+        return pick_attention_steps(grad_steps, self.settings.attention_steps, generator)
+
+    def continue_chains(self, part: "Prefixes", x_start: torch.Tensor, start_step: int, grad_steps: list[int],
+                        ctx: UpdateContext, quarantine: list) -> dict[str, float]:
+        return backprop_update(ctx.policy, part.prompts, part.seeds, ctx.reward, self.settings, grad_steps,
+                               backward=ctx.backward, start_latents=x_start, start_step=start_step,
+                               generator=ctx.generator, quarantine=quarantine)

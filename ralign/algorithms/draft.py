@@ -1,0 +1,28 @@
+"""DRaFT-K: reward backpropagation through the last K denoising steps (K = 1 is DRaFT-1); TextCraftor's gradient."""
+
+from __future__ import annotations
+
+import torch
+
+from ralign.algorithms.backprop_chain import BackpropAlgorithm
+
+
+def draft_steps(steps: int, k: int) -> list[int]:
+    """The last `k` of a `steps`-step chain (0 = first step)."""
+    if not 1 <= k <= steps:
+        raise ValueError(f"k={k} gradient steps do not fit a {steps}-step chain")
+    return list(range(steps - k, steps))
+
+
+class DRaFT(BackpropAlgorithm):
+    name = "draft"
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        k, steps = cfg.algorithm.settings_of(cls.section).k, cfg.model.policy.steps
+        if k > steps:
+            raise ValueError(f"algorithm.backprop.k={k} is longer than model.policy.steps={steps}")
+
+    def draw_gradient_steps(self, generator: torch.Generator) -> list[int]:
+        return draft_steps(self.cfg.model.policy.steps, self.settings.k)

@@ -1,0 +1,29 @@
+"""The policy's settings: the single definition of `model.policy` in a training config, of the policy spec every
+checkpoint carries, and of what `DiffusionPolicy` is built with. Kept apart from policy.py so that validating a
+config does not import diffusers."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ralign.config import StrictModel
+
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class PolicyConfig(StrictModel):
+    unet_lora_rank: int = Field(8, ge=0)  # 0 = UNet frozen
+    unet_lora_alpha: float | None = None  # None = rank (scale 1)
+    text_encoder: Literal["frozen", "full", "lora"] = "frozen"
+    text_lora_rank: int = Field(8, ge=1)
+    text_encoding: Literal["plain", "segment"] = "plain"  # segment: LongAlign's sentence-level encoding
+    segment_budget: int = Field(96, ge=8)
+    # TextCraftor's interpolation at inference: e = w·e_tuned + (1 − w)·e_original (1 = the tuned encoder alone);
+    # needs a tuned text encoder
+    text_encoder_weight: float = 1.0
+    steps: int = Field(20, ge=1, le=1000)
+    eta: float = Field(1.0, ge=0.0, le=1.0)
+    guidance: float = Field(3.0, ge=1.0)  # 3 suits the toy base model best (its model card)
+    lora_targets: tuple[str, ...] = UNET_LORA_TARGETS
