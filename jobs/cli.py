@@ -99,35 +99,134 @@ def world_pretrain(
 @app.command("eval")
 def evaluate(
     pipeline: Annotated[str, typer.Option(help="'base' (committed toy model), a diffusers directory, or a hub id.")] = "base",
+    checkpoint: Annotated[Optional[str], typer.Option(help="Evaluate a trained checkpoint instead: a directory, runs:/RUN_ID/checkpoint, models:/NAME@ALIAS or models:/NAME/VERSION (its base model and policy settings come with it).")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI for runs:/ and models:/ (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")] = None,
     split: Annotated[str, typer.Option(help="Prompt split: train, val, test.")] = "test",
     n: Annotated[int, typer.Option(min=1, help="Prompts per family.")] = 200,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics JSON here (default: stdout).")] = None,
     grids: Annotated[Optional[Path], typer.Option(help="Directory for per-family image grids (default: beside --json).")] = None,
-    steps: Annotated[int, typer.Option(min=1, help="DDIM steps.")] = 20,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (3 suits the toy base model best).")] = 3.0,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="DDIM steps (default: the checkpoint's, else 20).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (default: the checkpoint's, else 3, which suits the toy base model best).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per pipeline call.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of prompts and noise.")] = 0,
     families: Annotated[str, typer.Option(help="Comma list of families (default: all).")] = "single,binding,counting,spatial,size,long",
 ) -> None:
-    """Generate images for held-out prompts, score them with the oracle, write per-family metrics and image grids."""
-    _setup_logging()
-    from ralign.world.evaluation import evaluate_generator
-    from ralign.models.pipeline import generate_images, load_pipeline
-    from ralign.world.prompts import FAMILIES
+    """Generate images for held-out prompts, score them with the oracle, write per-family metrics (with 95 %
+    intervals over prompts) and image grids."""
+    from ralign.world.prompts import FAMILIES, SPLITS
 
     fams = [f.strip() for f in families.split(",") if f.strip()]
     bad = [f for f in fams if f not in FAMILIES]
     if bad:
         raise UserError(f"unknown famil{'y' if len(bad) == 1 else 'ies'} {bad}; expected some of {list(FAMILIES)}")
-    pipe = load_pipeline(pipeline)
+    if split not in SPLITS:
+        raise UserError(f"--split {split!r}: expected one of {list(SPLITS)}")
+    if tracking_uri is not None:
+        from ralign.config import refuse_credentials
+
+        refuse_credentials(tracking_uri, "--tracking-uri")
+    _setup_logging()
+    from ralign.world.evaluation import evaluate_generator
+
+    overrides = {k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None}
+    if checkpoint is not None:
+        from ralign.diffusion.policy import policy_from_checkpoint
+        from ralign.ops.model_registry import local_checkpoint
+
+        with local_checkpoint(checkpoint, tracking_uri) as local:  # an MLflow URI is downloaded to a temporary dir
+            policy = policy_from_checkpoint(local, source=checkpoint, **overrides)
+        generate = lambda prompts: policy.generate_images(prompts, seed=seed, batch_size=batch_size)  # noqa: E731
+        settings = {"checkpoint": checkpoint, "steps": policy.cfg.steps, "guidance": policy.cfg.guidance}
+    else:
+        from ralign.models.pipeline import generate_images, load_pipeline
+
+        pipe = load_pipeline(pipeline)
+        settings = {"pipeline": pipeline, "steps": overrides.get("steps", 20), "guidance": overrides.get("guidance", 3.0)}
+        generate = lambda prompts: generate_images(pipe, prompts, steps=settings["steps"], guidance=settings["guidance"],  # noqa: E731
+                                                   seed=seed, batch_size=batch_size)
     grid_dir = grids if grids is not None else (json_out.parent / f"{json_out.stem}_grids" if json_out else Path("outputs/eval_grids"))
-    report = evaluate_generator(
-        lambda prompts: generate_images(pipe, prompts, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size),
-        split=split, n=n, seed=seed, families=fams, grid_dir=grid_dir,
-    )
-    report.update({"pipeline": pipeline, "steps": steps, "guidance": guidance})
+    report = evaluate_generator(generate, split=split, n=n, seed=seed, families=fams, grid_dir=grid_dir)
+    report.update(settings)
     _emit_json(report, json_out)
+    if json_out is not None:
+        for fam, m in [*report["families"].items(), ("overall", report["overall"])]:
+            lo, hi = m["all_correct_ci"]
+            typer.echo(f"  {fam:<8} all-correct {m['all_correct']:.3f} [{lo:.3f}, {hi:.3f}]  n={m['n']}")
     typer.echo(f"image grids in {grid_dir}")
+
+
+diagnose_app = typer.Typer(help="Diagnoses before training: can a reward drive RL on a family?", no_args_is_help=True)
+app.add_typer(diagnose_app, name="diagnose")
+
+
+@diagnose_app.command("reward")
+def diagnose_reward_command(
+    reward: Annotated[Optional[str], typer.Option(help="A registered reward (clip_score, preference, caption, weighted, ...); default: the --config's.")] = None,
+    options: Annotated[Optional[str], typer.Option(help="The reward's options as JSON, e.g. '{\"w\": 0.3}' (default: the --config's).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Take the reward and the sampler settings (steps, eta, guidance) from this training config.")] = None,
+    deployment: Annotated[Optional[str], typer.Option(help="Score with this running Ray Serve reward application instead (needs --address).")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster of --deployment.")] = None,
+    families: Annotated[str, typer.Option(help="Comma list of families.")] = "single,binding,counting,spatial,size",
+    prompts: Annotated[int, typer.Option(help="Held-out prompts per family.")] = 24,
+    samples: Annotated[int, typer.Option(help="Images per prompt (N of best-of-N; at least 2).")] = 8,
+    split: Annotated[str, typer.Option(help="Prompt split.")] = "test",
+    seed: Annotated[int, typer.Option(help="Seed of prompts and noise.")] = 0,
+    pipeline: Annotated[str, typer.Option(help="Base pipeline sampled from (when no --checkpoint).")] = "base",
+    checkpoint: Annotated[Optional[str], typer.Option(help="Sample from a trained checkpoint: a directory, runs:/ or models:/ URI.")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (runs:/ and models:/ checkpoints, --mlflow).")] = None,
+    mlflow_run: Annotated[bool, typer.Option("--mlflow", help="Also log the diagnosis as an MLflow run (experiment ralign-diagnose).")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the diagnosis JSON here.")] = None,
+    markdown: Annotated[Optional[Path], typer.Option(help="Write the table as Markdown here.")] = None,
+) -> None:
+    """Sample N images per held-out prompt, score them with the reward and judge them with the oracle: the random,
+    reward-best-of-N and oracle-best-of-N all-correct rates and the within-prompt pairwise accuracy, per family,
+    with 95 % intervals."""
+    from ralign.config import load_config, refuse_credentials
+
+    if tracking_uri is not None:
+        refuse_credentials(tracking_uri, "--tracking-uri")
+    settings = {}
+    if config is not None:
+        from ralign.training.config import TrainConfig
+
+        cfg = load_config(TrainConfig, config)
+        reward = reward or cfg.reward.name
+        options = options if options is not None else json.dumps(cfg.reward.options)
+        settings = {k: getattr(cfg.model.policy, k) for k in ("steps", "eta", "guidance", "text_encoding", "segment_budget")}
+    if reward is None:
+        raise UserError("name a reward: --reward NAME, or --config with a reward section")
+    try:
+        opts = json.loads(options) if options else {}
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--options is not JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(opts, dict):
+        raise UserError("--options must be a JSON object of the reward's options")
+    if deployment and not address:
+        raise UserError("--deployment needs --address (the Ray cluster the reward application runs on)")
+    _setup_logging()
+    from jobs.diagnose import diagnose_reward, log_to_mlflow, markdown_table
+
+    if address:
+        from jobs.submit import connect
+
+        connect(address, runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}})
+    result = diagnose_reward(reward_name=reward, options=opts, deployment=deployment,
+                             families=[f.strip() for f in families.split(",") if f.strip()], prompts=prompts,
+                             samples=samples, split=split, seed=seed, pipeline=pipeline, checkpoint=checkpoint,
+                             tracking_uri=tracking_uri, policy_settings=settings)
+    table = markdown_table(result)
+    typer.echo(table)
+    if mlflow_run:
+        from ralign.ops.tracking import resolve_tracking_uri
+
+        run_id = log_to_mlflow(result, resolve_tracking_uri(tracking_uri))
+        result["mlflow_run_id"] = run_id
+        typer.echo(f"MLflow run {run_id}")
+    if json_out is not None:
+        _emit_json(result, json_out)
+    if markdown is not None:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(table + "\n", encoding="utf-8")
 
 
 @app.command("generate")
@@ -273,9 +372,28 @@ def train_command(
     typer.echo(f"MLflow run {summary['run_id']} at {summary['tracking_uri']} (open with: mlflow ui --backend-store-uri {summary['tracking_uri']})")
     if summary["reward_first"] is not None:
         typer.echo(f"training reward: first 10% of iterations {summary['reward_first']:.4f} -> last 10% {summary['reward_last']:.4f}")
-    if o_before and o_after:
+    change = summary.get("oracle_change")
+    if change:
+        typer.echo(describe_change(change))
+        if summary["reward_hacking"]:
+            typer.echo(f"WARNING reward hacking: the training reward rose while held-out all-correct fell on "
+                       f"{', '.join(summary['reward_hacking'])}")
+    elif o_before and o_after:
         typer.echo(f"oracle all-correct on held-out prompts: {o_before['overall']['all_correct']:.3f} -> {o_after['overall']['all_correct']:.3f}")
     typer.echo(f"checkpoint: {summary['checkpoint']}")
+
+
+def describe_change(change: dict) -> str:
+    """The paired before -> after table of a run (or of a comparison against the base), intervals included."""
+    def line(name: str, c: dict) -> str:
+        lo, hi = c["ci"]
+        return f"  {name:<8} {c['before']:.3f} -> {c['after']:.3f}  {c['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]  n={c['n']}"
+
+    o = change["overall"]
+    head = (f"oracle all-correct on held-out prompts: {o['before']:.3f} -> {o['after']:.3f} ({o['diff']:+.3f}, paired 95% "
+            f"interval [{o['ci'][0]:+.3f}, {o['ci'][1]:+.3f}], same prompts and noise before and after)")
+    rows = [line(fam, c) for fam, c in change["families"].items()] + [line("overall", o)]
+    return "\n".join([head, "  family   before -> after  change [95% interval]", *rows])
 
 
 @app.command("promote")

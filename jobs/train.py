@@ -158,7 +158,7 @@ def summarize(client, run_id: str, cfg: TrainConfig, checkpoint: str | None, tra
                 oracle[name] = json.loads(Path(client.download_artifacts(run_id, f"{name}.json", tmp)).read_text())
         except Exception:  # noqa: BLE001 - not evaluated (train.eval.before_after=false)
             oracle[name] = None
-    return {
+    summary = {
         "run_id": run_id,
         "tracking_uri": tracking_uri,
         "algorithm": cfg.algorithm.name,
@@ -168,8 +168,38 @@ def summarize(client, run_id: str, cfg: TrainConfig, checkpoint: str | None, tra
         "reward_last": sum(values[-k:]) / k if values else None,
         "oracle_before": oracle["oracle_before"],
         "oracle_after": oracle["oracle_after"],
+        "oracle_change": None,
+        "reward_hacking": [],
         "checkpoint": checkpoint,
     }
+    before, after = oracle["oracle_before"], oracle["oracle_after"]
+    if before and after and "per_prompt" in before and "per_prompt" in after:
+        record_oracle_change(client, run_id, summary)
+    return summary
+
+
+def record_oracle_change(client, run_id: str, summary: dict) -> None:
+    """The paired before/after change (same prompts, same noise) with its intervals, and the reward-hacking verdict
+    (training reward up, held-out all-correct down), into the summary and the MLflow run."""
+    from mlflow.entities import Metric
+
+    from ralign.world.stats import compare_evaluations, reward_hacking
+
+    change = compare_evaluations(summary["oracle_before"], summary["oracle_after"])
+    hacked = reward_hacking(summary["reward_first"], summary["reward_last"], change)
+    summary["oracle_change"], summary["reward_hacking"] = change, hacked
+    client.log_dict(run_id, change, "oracle_change.json")
+    now, step = int(time.time() * 1000), summary["iterations"]
+    metrics = []
+    for scope, c in [("overall", change["overall"]), *change["families"].items()]:
+        metrics += [Metric(f"oracle_change/{scope}/all_correct", c["diff"], now, step),
+                    Metric(f"oracle_change/{scope}/ci_low", c["ci"][0], now, step),
+                    Metric(f"oracle_change/{scope}/ci_high", c["ci"][1], now, step)]
+    client.log_batch(run_id, metrics=metrics)
+    client.set_tag(run_id, "ralign.reward_hacking", ",".join(hacked) if hacked else "none")
+    if hacked:
+        log.warning("reward hacking: the training reward rose (%.4f -> %.4f) while held-out all-correct fell on %s",
+                    summary["reward_first"], summary["reward_last"], ", ".join(hacked))
 
 
 def train(cfg: TrainConfig | None, resume: str | None = None, tracking_uri: str | None = None, progress: bool = True,

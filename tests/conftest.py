@@ -31,3 +31,14 @@ def ray_local():
         raise last
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def ralign_cli_inprocess():
+    """`ralign ARGS` through typer's test runner in this process: exit code, output, and the exception a user error
+    raised (the console script's `main` turns that into the one-line `error: ...`)."""
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    return lambda *args: CliRunner().invoke(app, [str(a) for a in args])

@@ -303,3 +303,30 @@ def test_cli_promote_then_generate_from_champion(server, checkpoint, tmp_path):
     assert len(errors) == 1 and "no alias 'nope'" in errors[0] and "champion -> v1" in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "mlflow.db").exists()  # nothing fell back to a local store in the working directory
+
+
+def test_eval_takes_a_checkpoint_in_all_three_forms(server, checkpoint, tmp_path, monkeypatch):
+    """`ralign eval --checkpoint` reads a directory, runs:/RUN_ID/checkpoint and models:/NAME@ALIAS alike: the same
+    weights give the same verdicts on the same prompts."""
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+    from ralign.ops.model_registry import promote
+
+    run_id = _log_run(server, checkpoint[0], 0.6)
+    promote(run_id, "toy-eval", tracking_uri=server)
+    monkeypatch.chdir(tmp_path)
+    reports = {}
+    for name, ref in (("dir", str(checkpoint[0])), ("run", f"runs:/{run_id}/checkpoint"), ("alias", "models:/toy-eval@champion")):
+        out = tmp_path / f"{name}.json"
+        result = CliRunner().invoke(app, ["eval", "--checkpoint", ref, "--tracking-uri", server, "--n", "2", "--steps", "2",
+                                          "--families", "single,binding", "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        reports[name] = json.loads(out.read_text())
+        assert reports[name]["checkpoint"] == ref and reports[name]["steps"] == 2
+        assert "all-correct" in result.output and "[" in result.output  # rates with their intervals
+    assert reports["dir"]["per_prompt"] == reports["run"]["per_prompt"] == reports["alias"]["per_prompt"]
+    lo, hi = reports["dir"]["overall"]["all_correct_ci"]
+    assert lo <= reports["dir"]["overall"]["all_correct"] <= hi
+    bad = CliRunner().invoke(app, ["eval", "--checkpoint", "models:/toy-eval@nope", "--tracking-uri", server, "--n", "1"])
+    assert bad.exit_code != 0 and "no alias 'nope'" in str(bad.exception or bad.output)

@@ -94,9 +94,13 @@ class Algorithm:
         return RequestPlan()
 
     # ---- the update ---------------------------------------------------------------------------------------------
+    def micro_batches_per_update(self) -> int:
+        """Micro-batches whose losses one optimiser update averages (each backward is divided by this)."""
+        return self.cfg.train.batch_size // self.cfg.train.micro_batch
+
     def backwards_per_update(self) -> int:
         """Backward passes in one optimiser update (DeepSpeed's gradient_accumulation_steps)."""
-        return self.cfg.train.batch_size // self.cfg.train.micro_batch
+        return self.micro_batches_per_update()
 
     def update(self, batch, ctx: UpdateContext) -> dict[str, float]:
         """One iteration on this worker's batch: micro-steps through `ctx.backward`, `ctx.end_update()` after each

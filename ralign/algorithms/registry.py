@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 _ALGORITHMS: dict[str, "str | type[Algorithm]"] = {
     "dpok": "ralign.algorithms.dpok:DPOK",
+    "grpo": "ralign.algorithms.grpo:GRPO",
+    "rsft": "ralign.algorithms.rsft:RSFT",
     "refl": "ralign.algorithms.refl:ReFL",
     "draft": "ralign.algorithms.draft:DRaFT",
     "alignprop": "ralign.algorithms.alignprop:AlignProp",
@@ -23,6 +25,8 @@ _ALGORITHMS: dict[str, "str | type[Algorithm]"] = {
 # Settings sections, by key: several algorithms may share one (DRaFT, AlignProp and interval: `backprop`).
 _SECTIONS: dict[str, str] = {
     "dpok": "dpok",
+    "grpo": "grpo",
+    "rsft": "rsft",
     "refl": "refl",
     "draft": "backprop",
     "alignprop": "backprop",

@@ -138,7 +138,7 @@ class Learner:
     def _backward(self, loss: torch.Tensor) -> None:
         # The algorithms' losses are sums over denoising steps and means over a micro-batch's samples: each
         # micro-batch's share of the update is 1 / (micro-batches per update).
-        self.engine.backward(loss / (self.cfg.train.batch_size // self.cfg.train.micro_batch), scale_wrt_gas=False)
+        self.engine.backward(loss / self.algorithm.micro_batches_per_update(), scale_wrt_gas=False)
         if self.cfg.deepspeed.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
             # Without ZeRO the engine does not record the global norm; take it before the step clips and clears.
             grads = [p.grad.detach().norm() for p in self.module.parameters() if p.grad is not None]

@@ -575,7 +575,11 @@ def evaluate(prompts: Sequence[str], images: Sequence[np.ndarray], families: Seq
         raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
     if families is not None and len(families) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(families)} family labels")
-    verdicts = [judge(p, im) for p, im in zip(prompts, images)]
+    return aggregate([judge(p, im) for p, im in zip(prompts, images)], families)
+
+
+def aggregate(verdicts: Sequence[Verdict], families: Sequence[str] | None = None) -> dict:
+    """`evaluate`'s report from verdicts already judged (families default to each verdict's own)."""
     labels = list(families) if families is not None else [v.family for v in verdicts]
     by_family: dict[str, list[Verdict]] = {}
     for label, verdict in zip(labels, verdicts):
