@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ralign.models import toy_t2i
-from ralign.diffusion.sampler import ddim_step_with_logprob, gaussian_log_prob, initial_noise
+from ralign.diffusion.sampler import ddim_step_with_logprob, gaussian_log_prob
+from ralign.diffusion.seeding import initial_noise
 
 
 @pytest.fixture()
