@@ -33,13 +33,14 @@ from ralign.training.learner import Learner
 log = logging.getLogger(__name__)
 
 
-def evaluate_policy(policy, cfg: TrainConfig, out_dir: Path) -> dict:
-    """Oracle metrics of the current policy on held-out prompts (the same path as `ralign eval`)."""
+def evaluate_policy(policy, cfg: TrainConfig, out_dir: Path, n: int | None = None) -> dict:
+    """Oracle metrics of the current policy on held-out prompts (the same path as `ralign eval`); `n` prompts per
+    family (default train.eval.n_per_family)."""
     from ralign.world.evaluation import evaluate_generator
 
     e = cfg.train.eval
     return evaluate_generator(lambda prompts: policy.generate_images(prompts, seed=cfg.train.seed),
-                              split=e.split, n=e.n_per_family, seed=cfg.train.seed, families=e.families, grid_dir=out_dir)
+                              split=e.split, n=n or e.n_per_family, seed=cfg.train.seed, families=e.families, grid_dir=out_dir)
 
 
 def _oracle_metrics(report: dict, prefix: str) -> dict[str, float]:
@@ -155,7 +156,7 @@ def train_loop_per_worker(config: dict) -> None:
                                        "kl": stats.get("kl"), "loss": stats.get("loss", stats.get("policy_loss"))})
         if e.every and step % e.every == 0 and step < cfg.train.iterations and rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
-                report = evaluate_policy(policy, cfg, Path(tmp) / "grids")
+                report = evaluate_policy(policy, cfg, Path(tmp) / "grids", n=e.curve_n_per_family)
                 logger.artifacts(Path(tmp) / "grids", f"eval/iteration_{step:04d}")
             logger.metrics(_oracle_metrics(report, "oracle"), step=step)
         last = step == cfg.train.iterations

@@ -322,7 +322,7 @@ def sft_command(
 @app.command("compare")
 def compare_command(
     methods: Annotated[str, typer.Option(help="Comma list of rows.")] = "base,dpok,refl,draft,longalign,comat,textcraftor,textcraftor_unet",
-    n: Annotated[int, typer.Option(min=1, help="Held-out test prompts per family.")] = 32,
+    n: Annotated[int, typer.Option(min=1, help="Held-out test prompts per family (claims need at least 100).")] = 100,
     out: Annotated[Path, typer.Option(help="Directory for the Markdown table, grids and montages.")] = Path("outputs/compare"),
     json_out: Annotated[Path, typer.Option("--json", help="The results JSON (rows of an earlier run with the same config are reused).")] = Path("benchmarks/results/compare.json"),
     rerun: Annotated[bool, typer.Option(help="Train every method again even if the JSON holds a row with the same config.")] = False,

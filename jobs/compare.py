@@ -55,15 +55,50 @@ def machine() -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "gpu": torch.cuda.is_available()}
 
 
+CURVE_POINTS = 4  # evaluations during training (for samples-to-target), on CURVE_N prompts per family
+CURVE_N = 32
+TARGETS = (0.05, 0.10)  # samples-to-target: held-out overall all-correct above the model before training by these
+
+
 def method_config(method: str, n_per_family: int, tracking_uri: str | None, extra: list[str]) -> TrainConfig:
+    iterations = load_config(TrainConfig, CONFIG_DIR / METHODS[method], extra).train.iterations
     overrides = [
         "train.eval.split=test", f"train.eval.n_per_family={n_per_family}", f"train.eval.families={json.dumps(list(FAMILIES))}",
-        "train.eval.before_after=true", "train.eval.every=0", "train.seed=0", "tracking.experiment=ralign-compare",
+        "train.eval.before_after=true", f"train.eval.every={max(1, iterations // CURVE_POINTS)}",
+        f"train.eval.curve_n_per_family={min(CURVE_N, n_per_family)}", "train.seed=0", "tracking.experiment=ralign-compare",
         f"tracking.run_name=compare-{method}", *extra,
     ]
     if tracking_uri:
         overrides.append(f"tracking.tracking_uri={tracking_uri}")
     return load_config(TrainConfig, CONFIG_DIR / METHODS[method], overrides)
+
+
+def samples_to_target(summary: dict, cfg: TrainConfig) -> dict:
+    """For each target, the training samples (and wall seconds since the run started) at which held-out overall
+    all-correct first exceeded the model before training by it; None where it never did. Each curve point is
+    compared with the same prompts before training (the curve uses the first prompts of the before set)."""
+    from mlflow.tracking import MlflowClient
+
+    before, after = summary["oracle_before"], summary["oracle_after"]
+    curve_n = cfg.train.eval.curve_n_per_family or cfg.train.eval.n_per_family
+
+    def base_rate(n: int) -> float:
+        values = [v for f in before["per_prompt"].values() for v in f["all_correct"][:n]]
+        return sum(values) / len(values)
+
+    client = MlflowClient(summary["tracking_uri"])
+    start = client.get_run(summary["run_id"]).info.start_time
+    history = sorted(client.get_metric_history(summary["run_id"], "oracle/overall/all_correct"), key=lambda m: m.step)
+    per_sample = cfg.train.batch_size * cfg.ray.learners
+    points = [(m.step, m.value, (m.timestamp - start) / 1000, base_rate(curve_n)) for m in history
+              if 0 < m.step < cfg.train.iterations]
+    points.append((cfg.train.iterations, after["overall"]["all_correct"], None, base_rate(cfg.train.eval.n_per_family)))
+    out = {}
+    for target in TARGETS:
+        hit = next((p for p in points if p[1] > p[3] + target), None)
+        out[f"+{target:.2f}"] = None if hit is None else {"iteration": hit[0], "samples": hit[0] * per_sample,
+                                                          "wall_s": None if hit[2] is None else round(hit[2], 1)}
+    return out
 
 
 def _digest(cfg: TrainConfig | None, n_per_family: int) -> str:
@@ -73,10 +108,13 @@ def _digest(cfg: TrainConfig | None, n_per_family: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _row(report: dict, summary: dict | None, wall_s: float, digest: str) -> dict:
+def _row(report: dict, summary: dict | None, wall_s: float, digest: str, to_target: dict | None = None) -> dict:
     s = summary or {}  # the base row has no training run
     return {
-        "families": {f: {k: m.get(k) for k in (*FAMILY_METRICS, "n")} for f, m in report["families"].items()},
+        "change": s.get("oracle_change"),  # paired: the same prompts and noise before and after training
+        "reward_hacking": s.get("reward_hacking", []),
+        "samples_to_target": to_target,
+        "families": {f: {k: m.get(k) for k in (*FAMILY_METRICS, "all_correct_ci", "n")} for f, m in report["families"].items()},
         "overall": report["overall"],
         "unseen_combos": report.get("unseen_combos"),
         "fidelity": report["fidelity"],
@@ -155,35 +193,57 @@ def write_montages(out_dir: Path, methods: list[str]) -> list[Path]:
     return written
 
 
+def _rate(m: dict) -> str:
+    ci = m.get("all_correct_ci")
+    return f"{m['all_correct']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def _change(c: dict | None) -> str:
+    return "–" if not c else f"{c['diff']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
+
+
+def _target(t: dict | None) -> str:
+    if t is None:
+        return "–"
+    return f"{t['samples']}" + (f" ({t['wall_s']:.0f} s)" if t.get("wall_s") is not None else " (end)")
+
+
 def markdown_table(results: dict) -> str:
     rows = results["rows"]
     fams = list(FAMILIES)
-    head = ["method", *fams, "overall", "unseen", "long: object recall", "KID", "artefacts", "train reward (first→last)", "wall s"]
+    head = ["method", *fams, "overall", "change vs before training [95%]", "samples to +0.05", "samples to +0.10",
+            "KID", "artefacts", "train reward (first→last)", "reward hacking", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, r in rows.items():
-        fam_cells = [f"{r['families'][f]['all_correct']:.2f}" if f in r["families"] else "" for f in fams]
-        unseen = f"{r['unseen_combos']['all_correct']:.2f}" if r.get("unseen_combos") else ""
-        long_recall = f"{r['families']['long']['object_recall']:.2f}" if "long" in r["families"] else ""
+        fam_cells = [_rate(r["families"][f]) if f in r["families"] else "" for f in fams]
         reward = (f"{r['train_reward_first']:.3f}→{r['train_reward']:.3f}" if r.get("train_reward") is not None else "–")
-        lines.append("| " + " | ".join([LABELS.get(m, m), *fam_cells, f"{r['overall']['all_correct']:.3f}", unseen, long_recall,
-                                         f"{r['fidelity']['kid']:.2f}", f"{r['fidelity']['artifact_rate']:.3f}", reward,
+        targets = r.get("samples_to_target") or {}
+        hacked = ", ".join(r.get("reward_hacking") or []) or ("no" if r.get("change") else "–")
+        lines.append("| " + " | ".join([LABELS.get(m, m), *fam_cells, _rate(r["overall"]), _change(r.get("change") and r["change"]["overall"]),
+                                         _target(targets.get("+0.05")), _target(targets.get("+0.10")),
+                                         f"{r['fidelity']['kid']:.2f}", f"{r['fidelity']['artifact_rate']:.3f}", reward, hacked,
                                          f"{r['wall_s']:.0f}"]) + " |")
     lines.append("")
-    lines.append(f"All-correct rate per family on {results['n_per_family']} held-out `test` prompts per family (oracle); "
-                 "unseen = prompts with a colour-shape combination never used in training; KID x 1e3 on image statistics "
-                 "against clean renders of the same prompts (lower is closer); artefacts = oracle artefact rate. "
-                 f"Sampling noise: a 95% interval on one family's rate is about ±{1.96 * (0.25 / results['n_per_family']) ** 0.5:.2f} "
-                 "at 0.5; the overall rate pools all families. Wall time includes start-up, both evaluations and any "
-                 "other load on the machine.")
-    details = ["", "| method | family | object recall | binding | count | spatial |", "|---|---|---|---|---|---|"]
+    lines.append(f"All-correct rate per family on {results['n_per_family']} held-out `test` prompts per family (oracle), with "
+                 "its 95% interval (bootstrap over prompts); the change is paired: the run's model before and after "
+                 "training on the same prompts with the same noise. Samples to +0.05 / +0.10: training samples (and wall "
+                 f"seconds) at the first of {CURVE_POINTS} in-training evaluations ({CURVE_N} prompts per family, paired with "
+                 "the same prompts before training) where overall all-correct exceeded the model before training by that "
+                 "much; (end) when first at the final evaluation. KID x 1e3 on image statistics against clean renders of "
+                 "the same prompts (lower is closer); artefacts = oracle artefact rate. Reward hacking: families whose "
+                 "all-correct fell (interval below 0) while the training reward rose. Wall time includes start-up, every "
+                 "evaluation and any other load on the machine.")
+    details = ["", "| method | family | change vs before [95%] | object recall | binding | count | spatial |",
+               "|---|---|---|---|---|---|---|"]
     for m, r in rows.items():
         for f, v in r["families"].items():
             cells = [f"{v[k]:.2f}" if v.get(k) is not None else "–" for k in ("object_recall", "binding_acc", "count_acc", "spatial_acc")]
-            details.append(f"| {LABELS.get(m, m)} | {f} | " + " | ".join(cells) + " |")
+            change = _change((r.get("change") or {}).get("families", {}).get(f))
+            details.append(f"| {LABELS.get(m, m)} | {f} | {change} | " + " | ".join(cells) + " |")
     return "\n".join(lines + details) + "\n"
 
 
-def compare(methods: list[str], out_dir: Path, json_out: Path, n_per_family: int = 32, reuse: bool = True,
+def compare(methods: list[str], out_dir: Path, json_out: Path, n_per_family: int = 100, reuse: bool = True,
             tracking_uri: str | None = None, extra_overrides: list[str] | None = None) -> dict:
     from jobs.train import train
 
@@ -219,7 +279,8 @@ def compare(methods: list[str], out_dir: Path, json_out: Path, n_per_family: int
             summary = train(cfg)
             report = summary["oracle_after"]
             _fetch_grids(summary, out_dir / "grids" / method)
-        results["rows"][method] = _row(report, summary, time.time() - start, digest)
+        to_target = samples_to_target(summary, cfg) if summary else None
+        results["rows"][method] = _row(report, summary, time.time() - start, digest, to_target)
         results["rows"] = {m: results["rows"][m] for m in METHODS if m in results["rows"]}
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(results, indent=2) + "\n")

@@ -41,7 +41,12 @@ def test_compare_base_and_comat_tiny(tmp_path):
     assert "rollout_reward/skipped_terms" not in metrics
     # every trained row evaluates on the same prompts and noise as the base row: its "before" is the base model
     assert comat["oracle_before_overall"]["all_correct"] == results["rows"]["base"]["overall"]["all_correct"]
+    # the paired change with its interval, samples-to-target and the reward-hacking verdict, per trained row
+    assert set(comat["change"]["families"]) == set(FAMILIES) and len(comat["change"]["overall"]["ci"]) == 2
+    assert set(comat["samples_to_target"]) == {"+0.05", "+0.10"} and isinstance(comat["reward_hacking"], list)
+    assert len(results["rows"]["base"]["families"]["single"]["all_correct_ci"]) == 2
     md = (out / "compare.md").read_text()
+    assert "change vs before training [95%]" in md and "samples to +0.05" in md
     assert "| CoMat |" in md and "| base (no training) |" in md and js.with_suffix(".md").is_file()
     assert (out / "grids" / "comat" / "grid_binding.png").is_file() and (out / "montage_binding.png").is_file()
     # unchanged rows are reused, not retrained

@@ -119,3 +119,33 @@ def test_missing_pieces_are_stated_and_bad_input_raises(store, tmp_path):
         build_report("0123abcd", tracking_uri=uri, out_dir=tmp_path / "x")
     with pytest.raises(ValueError, match="no MLflow store"):
         build_report(run_id, tracking_uri=f"sqlite:///{tmp_path / 'none.db'}", out_dir=tmp_path / "x")
+
+
+def test_a_run_whose_reward_rose_while_the_oracle_fell_is_flagged(store, tmp_path):
+    """A synthetic run: the training reward climbs, held-out binding falls on every one of 40 prompts; the page
+    shows the paired change with its interval and names the family as reward hacking."""
+    client, uri, exp = store
+    run_id = client.create_run(exp, run_name="hacked").info.run_id
+    client.log_batch(run_id, metrics=[Metric("reward_mean", 0.5 + 0.1 * s, s, s) for s in range(1, 11)])
+    prompts = {"single": [f"a red circle {i}" for i in range(40)], "binding": [f"a red circle and a blue square {i}" for i in range(40)]}
+
+    def report(single: float, binding: float) -> dict:
+        per_prompt = {f: {"prompts": prompts[f], "all_correct": [v] * 40, "object_recall": [v] * 40}
+                      for f, v in (("single", single), ("binding", binding))}
+        fams = {f: {"n": 40, "all_correct": v} for f, v in (("single", single), ("binding", binding))}
+        return {"families": fams, "overall": {"n": 80, "all_correct": (single + binding) / 2}, "per_prompt": per_prompt}
+
+    client.log_dict(run_id, report(1.0, 1.0), "oracle_before.json")
+    client.log_dict(run_id, report(1.0, 0.0), "oracle_after.json")
+    client.set_terminated(run_id, status="FINISHED")
+    page = build_report(run_id, tracking_uri=uri, out_dir=tmp_path / "r", log_to_run=False).read_text()
+    assert "Reward hacking:" in page and "all-correct fell on binding" in page
+    assert "-1.000 [-1.000, -1.000]" in page and "worse" in page and "no clear change" in page
+
+
+def test_no_flag_when_the_oracle_held():
+    from ralign.world.stats import reward_hacking
+
+    change = {"families": {"binding": {"ci": [-0.05, 0.02]}, "single": {"ci": [-0.2, -0.01]}}}
+    assert reward_hacking(0.5, 0.6, change) == ["single"]  # binding's interval holds 0
+    assert reward_hacking(0.6, 0.5, change) == []  # the reward did not rise: a bad run, not a hacked reward

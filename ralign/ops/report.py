@@ -317,7 +317,7 @@ h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2e
 table { border-collapse: collapse; margin: .5em 0; font-size: .9em; }
 th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: left; vertical-align: top; }
 th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.up { color: #1a7f37; } td.down { color: #b42318; }
+td.up { color: #1a7f37; } td.down, p.down { color: #b42318; }
 img.plot { max-width: 100%; border: 1px solid #eee; margin: .5em 0; }
 table.grids img { max-width: 260px; image-rendering: pixelated; }
 p.missing { color: #8a5300; background: #fff8e6; border-left: 4px solid #e0a800; padding: .4em .8em; }
@@ -359,6 +359,34 @@ def _numeric_leaves(node, prefix: str = "") -> dict[str, float]:
     elif isinstance(node, (int, float)) and not isinstance(node, bool):
         out[prefix.rstrip(".")] = float(node)
     return out
+
+
+def _change_table(before: dict | None, after: dict | None, h: dict) -> str:
+    """The paired all-correct change per family (same prompts and noise before and after) with its 95 % interval,
+    and the reward-hacking verdict: training reward up while held-out all-correct fell."""
+    from ralign.world.stats import compare_evaluations, reward_hacking, verdict
+
+    if not before or not after or "per_prompt" not in before or "per_prompt" not in after:
+        return ""
+    change = compare_evaluations(before, after)
+    rewards = [v for _, v in h.get("reward_mean", [])]
+    k = max(1, len(rewards) // 10)
+    first, last = (sum(rewards[:k]) / k, sum(rewards[-k:]) / k) if rewards else (None, None)
+    hacked = reward_hacking(first, last, change)
+    rows = []
+    for scope, c in [*change["families"].items(), ("overall", change["overall"])]:
+        word = verdict(c)
+        cls = "num up" if word == "better" else "num down" if word == "worse" else "num"
+        rows.append([f"<th>{_e(scope)}</th>", f'<td class="num">{c["before"]:.3f}</td>', f'<td class="num">{c["after"]:.3f}</td>',
+                     f'<td class="{cls}">{c["diff"]:+.3f} [{c["ci"][0]:+.3f}, {c["ci"][1]:+.3f}]</td>', _e(word),
+                     f'<td class="num">{c["n"]}</td>'])
+    flag = ""
+    if hacked:
+        flag = (f'<p class="down"><b>Reward hacking:</b> the training reward rose ({first:.4f} → {last:.4f}) while held-out '
+                f'all-correct fell on {_e(", ".join(hacked))} (interval below zero).</p>')
+    note = ("<p>All-correct before → after on the same held-out prompts with the same noise; the change's 95 % interval "
+            "is a paired bootstrap over prompts. A change is called better or worse only when its interval excludes 0.</p>")
+    return flag + note + _table(["", "before", "after", "change [95% interval]", "verdict", "n"], rows)
 
 
 def _oracle_table(before: dict | None, after: dict | None) -> str:
@@ -551,7 +579,8 @@ def build_report(run_id: str, tracking_uri: str | None = None, out_dir: str | Pa
     summary += [(k, v) for k, v in sorted(run.data.tags.items()) if k.startswith("ralign.") and k != "ralign.algorithm"]
     body.append("<h2>Summary</h2>" + _table(None, [[f"<th>{_e(k)}</th>", _e(v if v is not None else "–")] for k, v in summary]))
 
-    body.append("<h2>Oracle before / after training</h2>" + _oracle_table(oracle["oracle_before"], oracle["oracle_after"]))
+    body.append("<h2>Oracle before / after training</h2>" + _change_table(oracle["oracle_before"], oracle["oracle_after"], h)
+                + _oracle_table(oracle["oracle_before"], oracle["oracle_after"]))
     body.append(_plot_section("Reward and components", produced["rewards"], "No reward metrics logged."))
     optim = _plot_section("KL and loss", produced["kl_loss"], "No KL or loss metrics logged.")
     body.append(optim + "".join(_missing(m) for m in missing))

@@ -114,6 +114,9 @@ class PromptSection(StrictModel):
 class EvalSection(StrictModel):
     every: int = Field(0, ge=0)  # iterations between oracle evaluations (0 = only before and after)
     n_per_family: int = Field(32, ge=1)
+    # Prompts per family of the evaluations every `every` iterations (the learning curve; default n_per_family):
+    # the first ones of the before / after set, so each curve point is paired with the same prompts before training.
+    curve_n_per_family: int | None = Field(None, ge=1)
     families: list[Literal["single", "binding", "counting", "spatial", "size", "long"]] = ["single", "binding", "counting", "spatial", "size", "long"]
     split: Literal["train", "val", "test"] = "test"
     before_after: bool = True
