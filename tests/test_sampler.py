@@ -74,3 +74,42 @@ def test_initial_noise_is_per_seed():
     a = initial_noise((4, 8, 8), [1, 2])
     b = initial_noise((4, 8, 8), [2])
     assert torch.equal(a[1], b[0]) and not torch.equal(a[0], a[1])
+
+
+@pytest.mark.parametrize("config", [{"clip_sample": True, "clip_sample_range": 0.5},
+                                    {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 0.6},
+                                    {}], ids=["clip_sample", "thresholding", "plain"])
+def test_the_step_equals_diffusers_ddim_step_under_clipping_and_thresholding(config):
+    import torch
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False,
+                              steps_offset=1, **config)
+    scheduler.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(2, 4, 8, 8, generator=g) * 2, torch.randn(2, 4, 8, 8, generator=g)
+    for t in (int(scheduler.timesteps[0]), int(scheduler.timesteps[-1])):
+        ours = ddim_step_with_logprob(scheduler, eps, t, x, 1.0, generator=torch.Generator().manual_seed(1))
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+        theirs = scheduler.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
+        torch.testing.assert_close(ours.prev_sample, theirs, rtol=1e-5, atol=1e-5)
+        assert torch.isfinite(ours.log_prob).all()
+
+
+def test_a_zero_variance_last_step_or_another_prediction_type_is_refused():
+    from diffusers import DDIMScheduler
+
+    from ralign.config import UserError
+    from ralign.diffusion.sampler import check_scheduler
+
+    def scheduler(**kw):
+        return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, **{"steps_offset": 1, **kw})
+
+    check_scheduler(scheduler(set_alpha_to_one=False), eta=1.0, steps=10)  # SD1.5's own settings
+    with pytest.raises(UserError, match="set_alpha_to_one=true gives the step from timestep 1 zero variance"):
+        check_scheduler(scheduler(set_alpha_to_one=True), eta=1.0, steps=10)
+    with pytest.raises(UserError, match="steps_offset=0"):
+        check_scheduler(scheduler(set_alpha_to_one=False, steps_offset=0), eta=1.0, steps=10)
+    check_scheduler(scheduler(set_alpha_to_one=True), eta=0.0, steps=10)  # deterministic sampling needs no log-probability
+    with pytest.raises(UserError, match="prediction_type='v_prediction'"):
+        check_scheduler(scheduler(prediction_type="v_prediction"), eta=1.0, steps=10)

@@ -17,7 +17,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from peft import LoraConfig
 
 from ralign.config import MissingPathError, UserError
-from ralign.diffusion.sampler import StepOutput, Trajectory, ddim_step_with_logprob, decode_latents, guided_noise, sample_chain
+from ralign.diffusion.sampler import StepOutput, Trajectory, check_scheduler, ddim_step_with_logprob, decode_latents, guided_noise, sample_chain
 from ralign.diffusion.seeding import initial_noise, step_generator
 from ralign.diffusion.settings import PolicyConfig
 from ralign.diffusion.text_encoding import PlainEncoder, SegmentEncoder, interpolate_embeddings
@@ -30,6 +30,7 @@ class DiffusionPolicy:
         self.tokenizer = pipe.tokenizer
         self.text_encoder = pipe.text_encoder
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        check_scheduler(self.scheduler, cfg.eta, cfg.steps)
         self.version = 0
         self.mixed_text_encoders: list[tuple[float, torch.nn.Module]] = []  # other tuned encoders to blend in
         for module in (self.unet, self.vae, self.text_encoder):

@@ -36,6 +36,30 @@ def _alpha(scheduler: DDIMScheduler, timestep: torch.Tensor | int) -> torch.Tens
     return scheduler.alphas_cumprod[int(timestep)]
 
 
+def check_scheduler(scheduler: DDIMScheduler, eta: float, steps: int) -> None:
+    """Refuse, in one line naming the key, a scheduler whose `steps`-step chain `ddim_step_with_logprob` cannot give
+    the Gaussians of: only epsilon prediction, and (with eta > 0) no step of zero variance, whose log-probability
+    would be NaN (the last step, when `set_alpha_to_one` is true or the grid ends at timestep 0)."""
+    from ralign.config import UserError
+
+    config = scheduler.config
+    if config.prediction_type != "epsilon":
+        raise UserError(f"scheduler config prediction_type={config.prediction_type!r}: the policy's steps are written "
+                        "for epsilon prediction only")
+    if eta <= 0:
+        return
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps.tolist():
+        prev_t = previous_timestep(scheduler, t)
+        alpha_t = scheduler.alphas_cumprod[t]
+        alpha_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+        if not float((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)) > 0:
+            key = "set_alpha_to_one=true" if config.set_alpha_to_one else f"steps_offset={config.steps_offset} (the grid ends at timestep 0)"
+            raise UserError(f"scheduler config {key} gives the step from timestep {t} zero variance, so its log-probability "
+                            "is undefined with model.policy.eta > 0; use set_alpha_to_one=false and steps_offset=1 "
+                            "(SD1.5's own config) or sample with eta 0")
+
+
 def previous_timestep(scheduler: DDIMScheduler, timestep: int) -> int:
     return int(timestep) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
 
@@ -68,6 +92,12 @@ def ddim_step_with_logprob(
     alpha_t = _alpha(scheduler, timestep).to(sample.dtype)
     alpha_prev = (scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod).to(sample.dtype)
     pred_original = (sample - (1 - alpha_t).sqrt() * noise_pred) / alpha_t.sqrt()
+    # Clip or threshold the predicted x_0 exactly as DDIMScheduler.step does (its own thresholding, so the two can
+    # never disagree); the direction term keeps the model's epsilon, as diffusers does by default.
+    if scheduler.config.thresholding:
+        pred_original = scheduler._threshold_sample(pred_original)
+    elif scheduler.config.clip_sample:
+        pred_original = pred_original.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
     variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
     std = eta * variance.sqrt()
     direction = (1 - alpha_prev - std**2).clamp(min=0).sqrt() * noise_pred
