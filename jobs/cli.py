@@ -396,6 +396,28 @@ def describe_change(change: dict) -> str:
     return "\n".join([head, "  family   before -> after  change [95% interval]", *rows])
 
 
+@app.command("export")
+def export_command(
+    checkpoint: Annotated[str, typer.Option(help="A checkpoint directory, runs:/RUN_ID/checkpoint, models:/NAME@ALIAS or models:/NAME/VERSION.")],
+    out: Annotated[Path, typer.Option(help="The export directory (must not exist, or be empty).")],
+    format_: Annotated[str, typer.Option("--format", help="lora: diffusers' pytorch_lora_weights.safetensors; pipeline: a whole StableDiffusionPipeline directory (needed when the text encoder was tuned).")] = "lora",
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI for runs:/ and models:/ (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")] = None,
+) -> None:
+    """Write a trained checkpoint in the layouts diffusers and peft read, with a model card."""
+    if tracking_uri is not None:
+        from ralign.config import refuse_credentials
+
+        refuse_credentials(tracking_uri, "--tracking-uri")
+    _setup_logging()
+    from ralign.ops.export import export_checkpoint
+
+    result = export_checkpoint(checkpoint, out, format_, tracking_uri)
+    for note in result["notes"]:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(f"wrote {result['format']} export to {result['out']}: {', '.join(result['files'][:6])}"
+               + (" ..." if len(result["files"]) > 6 else ""))
+
+
 @app.command("promote")
 def promote_command(
     run: Annotated[str, typer.Option(help="The finished `ralign train` MLflow run to register.")],

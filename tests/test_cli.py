@@ -18,7 +18,7 @@ def ralign(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 VERBS = [[], ["world"], ["world", "render"], ["world", "oracle-check"], ["world", "pretrain"], ["eval"], ["generate"], ["sft"],
          ["compare"], ["train"], ["promote"], ["serve"], ["submit"], ["status"], ["stop"], ["logs"], ["k8s"], ["k8s", "render"],
-         ["k8s", "validate"], ["report"], ["diagnose"], ["diagnose", "reward"], ["bench"], ["bench", "memory"], ["bench", "pipeline"], ["bench", "scale"]]
+         ["k8s", "validate"], ["report"], ["diagnose"], ["diagnose", "reward"], ["export"], ["bench"], ["bench", "memory"], ["bench", "pipeline"], ["bench", "scale"]]
 
 
 def test_help_on_every_verb():

@@ -330,3 +330,27 @@ def test_eval_takes_a_checkpoint_in_all_three_forms(server, checkpoint, tmp_path
     assert lo <= reports["dir"]["overall"]["all_correct"] <= hi
     bad = CliRunner().invoke(app, ["eval", "--checkpoint", "models:/toy-eval@nope", "--tracking-uri", server, "--n", "1"])
     assert bad.exit_code != 0 and "no alias 'nope'" in str(bad.exception or bad.output)
+
+
+def test_a_registered_version_is_usable_with_diffusers_and_mlflow_alone(server, checkpoint, tmp_path, monkeypatch):
+    """The README's three lines: download the champion with MLflow, load the base model and the LoRA with diffusers;
+    the images equal ralign's own at the same seeds."""
+    import mlflow
+    import numpy as np
+
+    from ralign.diffusion.policy import base_pipeline, policy_from_checkpoint
+    from ralign.models.pipeline import generate_images
+    from ralign.ops.model_registry import promote
+
+    run_id = _log_run(server, checkpoint[0], 0.7)
+    promote(run_id, "toy-diffusers", tracking_uri=server)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    mlflow.set_tracking_uri(server)
+    path = mlflow.artifacts.download_artifacts("models:/toy-diffusers@champion", dst_path=str(tmp_path / "dl"))
+    pipe = base_pipeline({"pipeline": "base"})
+    pipe.load_lora_weights(f"{path}/diffusers_lora", weight_name="pytorch_lora_weights.safetensors")
+    pipe.set_progress_bar_config(disable=True)
+    theirs = generate_images(pipe, ["a red circle"], steps=2, guidance=3.0, seed=1)
+    ours = policy_from_checkpoint(checkpoint[0]).generate_images(["a red circle"], seed=1)
+    assert float(np.abs(theirs[0].astype(float) - ours[0].astype(float)).max()) <= 2
+    assert (Path(path) / "diffusers_lora" / "README.md").is_file()

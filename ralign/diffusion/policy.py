@@ -255,15 +255,20 @@ class DiffusionPolicy:
         self.version = version
 
 
-def build_policy(spec: dict) -> DiffusionPolicy:
-    """A DiffusionPolicy from a plain-dict spec (`TrainConfig.policy_spec()`, or a checkpoint's learner state):
-    {"pipeline": name-or-path, "seed": .., "policy": {...PolicyConfig fields}, "device": ..}."""
+def base_pipeline(spec: dict) -> StableDiffusionPipeline:
+    """The pretrained pipeline a policy spec names: 'base' (the committed toy model), 'tiny-random' (tests), a
+    diffusers directory or a hub id."""
     from ralign.models.pipeline import load_pipeline
     from ralign.models.toy_t2i import tiny_random_pipeline
 
     name = spec.get("pipeline", "base")
-    pipe = tiny_random_pipeline(int(spec.get("seed", 0))) if name == "tiny-random" else load_pipeline(name)
-    policy = DiffusionPolicy(pipe, PolicyConfig(**spec.get("policy", {})))
+    return tiny_random_pipeline(int(spec.get("seed", 0))) if name == "tiny-random" else load_pipeline(name)
+
+
+def build_policy(spec: dict) -> DiffusionPolicy:
+    """A DiffusionPolicy from a plain-dict spec (`TrainConfig.policy_spec()`, or a checkpoint's learner state):
+    {"pipeline": name-or-path, "seed": .., "policy": {...PolicyConfig fields}, "device": ..}."""
+    policy = DiffusionPolicy(base_pipeline(spec), PolicyConfig(**spec.get("policy", {})))
     if spec.get("init_checkpoint"):
         from ralign.models.weights import read_safetensors
 

@@ -240,6 +240,38 @@ def _registered_model(client, name: str, create: bool):
     return client.get_registered_model(name)
 
 
+EXPORT_DIRS = {"lora": "diffusers_lora", "pipeline": "diffusers_pipeline"}
+
+
+def log_exports(client, run_id: str, uri: str) -> list[str]:
+    """Put the checkpoint's diffusers exports beside it in the run (`checkpoint/diffusers_lora/`, and where the text
+    encoder was tuned `checkpoint/diffusers_pipeline/`), so a registered version is usable with diffusers and MLflow
+    alone. Returns the directories written (none already there is written again)."""
+    from ralign.ops.export import export_checkpoint
+
+    present = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run_id, CHECKPOINT_DIR)}
+    with tempfile.TemporaryDirectory() as tmp:
+        state = json.loads(Path(client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/learner_state.json", tmp)).read_text())
+    policy = (state.get("policy_spec") or {}).get("policy") or {}
+    wanted = []
+    if policy.get("unet_lora_rank", 8) > 0 or policy.get("text_encoder") == "lora":
+        wanted.append("lora")
+    if policy.get("text_encoder") == "full":
+        wanted.append("pipeline")
+    written = []
+    for fmt in wanted:
+        if EXPORT_DIRS[fmt] in present:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                export_checkpoint(f"runs:/{run_id}/{CHECKPOINT_DIR}", Path(tmp) / fmt, fmt, uri)
+            except Exception as exc:  # noqa: BLE001 - said as one line; nothing is registered
+                raise RegistryError(f"cannot export run {run_id}'s checkpoint as {fmt} for the registry: {exc}") from None
+            client.log_artifacts(run_id, str(Path(tmp) / fmt), f"{CHECKPOINT_DIR}/{EXPORT_DIRS[fmt]}")
+        written.append(EXPORT_DIRS[fmt])
+    return written
+
+
 def _champion_value(client, version, metric: str) -> float | None:
     tag = version.tags.get(METRIC_TAG + metric)
     if tag is not None:
@@ -287,6 +319,7 @@ def promote(run_id: str, name: str, metric: str | None = None, margin: float = 0
         if existing:
             version, new = existing[0], False
         else:
+            log_exports(client, run_id, uri)
             version = client.create_model_version(name, f"runs:/{run_id}/{CHECKPOINT_DIR}", run_id=run_id, tags=tags,
                                                   description=f"{tags[TAG + 'algorithm']} / {tags[TAG + 'reward']} on {tags[TAG + 'base_model']}")
             new = True

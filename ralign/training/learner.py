@@ -247,6 +247,7 @@ class Learner:
                 "bad_rewards": self.bad_rewards, "seen_rewards": self.seen_rewards,
                 "generator": self.generator.get_state().tolist(),
                 "policy_spec": self.cfg.policy_spec(),
+                "trained_with": {"algorithm": self.cfg.algorithm.name, "reward": self.cfg.reward.name},
             }
             record.update(extra or {})
             if self.reward is not None:  # a reward that trains alongside (CoMat's discriminator) saves its state
