@@ -100,26 +100,39 @@ def test_malformed_requests_are_refused_with_a_reason():
 # ---- a real Serve instance -------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def served(ray_local):
+def apps(ray_local):
     from ray import serve
 
     from actors.serve import deploy
 
     port = _free_port()
     cfg = parse_config(ServeConfig, {
-        "http": {"host": "127.0.0.1", "port": port, "max_request_bytes": 300_000, "max_image_side": 256},
+        "http": {"host": "127.0.0.1", "port": port, "max_request_bytes": 300_000, "max_image_side": 256,
+                 "body_timeout_s": 2.0, "request_timeout_s": 30.0},
         "deployments": [{
             "name": "clip-score", "reward": {"name": "clip_score"}, "max_batch_size": 4, "batch_wait_timeout_s": 0.05,
             "max_ongoing_requests": 4, "ray_actor_options": {"num_cpus": 0.25},
             # fast metrics and short delays so the test sees both scaling decisions within seconds
             "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
                             "downscale_delay_s": 3, "metrics_interval_s": 0.2, "look_back_period_s": 1},
+        }, {
+            # a real reward that raises on cue, one replica whose batches gather every concurrent request
+            "name": "flaky", "reward": {"name": "fault_injection", "inner": {"name": "colorfulness"},
+                                        "raise_if_prompt_contains": "boom"},
+            "max_batch_size": 8, "batch_wait_timeout_s": 1.0, "max_ongoing_requests": 8,
+            "ray_actor_options": {"num_cpus": 0.25}, "autoscaling": {"min_replicas": 1, "max_replicas": 1},
         }],
     })
     cfg.validate_with_ray()
     routes = deploy(cfg)
-    yield cfg, routes["clip-score"]
+    yield cfg, routes
     serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served(apps):
+    cfg, routes = apps
+    return cfg, routes["clip-score"]
 
 
 def _samples(n: int):
@@ -203,3 +216,173 @@ def test_autoscales_up_under_a_burst_and_back_down(served):
     while time.monotonic() < deadline and replica_counts().get("clip-score") != 1:
         time.sleep(0.5)
     assert replica_counts()["clip-score"] == 1, "did not scale back down within 120 s after the burst"
+
+
+# ---- one bad client cannot break the server ------------------------------------------------------------------------
+
+def _concurrently(url: str, bodies: list[bytes]) -> list[tuple[int, dict]]:
+    results: list = [None] * len(bodies)
+
+    def send(i):
+        results[i] = _post(url, bodies[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def _body(prompts, images) -> bytes:
+    return json.dumps({"prompts": prompts, "images": [_png(im) for im in images]}).encode()
+
+
+def test_one_failing_request_does_not_fail_its_batch(apps):
+    """Seven concurrent requests merged into one batch; the reward raises on one of them: that one gets a 500 with
+    a request id, the other six their single-request scores."""
+    _, routes = apps
+    url = routes["flaky"]
+    images, prompts = _samples(7)
+    singles = [_post(url, _body([prompts[i]], images[i:i + 1]))[1]["scores"][0] for i in range(6)]
+    bodies = [_body([prompts[i]], images[i:i + 1]) for i in range(6)] + [_body(["a boom square"], images[6:7])]
+    results = _concurrently(url, bodies)
+    assert [status for status, _ in results] == [200] * 6 + [500]
+    assert [body["scores"][0] for _, body in results[:6]] == pytest.approx(singles, rel=1e-5)
+    failed = results[6][1]
+    assert "InjectedRewardFailure" in failed["error"] and len(failed["request_id"]) == 12
+
+
+def test_a_bad_prompt_in_a_concurrent_burst_is_refused_alone(served):
+    _, url = served
+    images, prompts = _samples(7)
+    singles = [_post(url, _body([prompts[i]], images[i:i + 1]))[1]["scores"][0] for i in range(6)]
+    bad = json.dumps({"prompts": ["a red \ud800 circle"], "images": [_png(images[6])]}).encode()
+    results = _concurrently(url, [_body([prompts[i]], images[i:i + 1]) for i in range(6)] + [bad])
+    assert [s for s, _ in results] == [200] * 6 + [400]
+    assert [b["scores"][0] for _, b in results[:6]] == pytest.approx(singles, rel=1e-4, abs=1e-5)
+    assert "lone surrogate U+D800" in results[6][1]["error"]
+
+
+def test_images_of_other_sizes_are_brought_to_the_models_input(served):
+    """128x128 and 32x32 images are resized the way the reward model's own preprocessing does (scored like the
+    in-process reward on the same images); too small or too large ones are refused, naming the limit."""
+    from ralign.rewards.registry import build_reward
+
+    _, url = served
+    reward = build_reward({"name": "clip_score"})
+    images, prompts = _samples(2)
+    big = np.kron(images[0], np.ones((2, 2, 1), np.uint8))  # 128 x 128
+    small = images[1][::2, ::2]  # 32 x 32
+    status, body = _post(url, _body(prompts, [big, small]))  # mixed sizes in one request
+    assert status == 200
+    with torch.no_grad():
+        expected = [float(reward(torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255.0, [p]).score[0])
+                    for im, p in ((big, prompts[0]), (small, prompts[1]))]
+    assert body["scores"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    status, body = _post(url, _body(["a"], [np.zeros((1, 1, 3), np.uint8)]))
+    assert status == 400 and "at least 8 pixels a side" in body["error"]
+    status, body = _post(url, json.dumps({"prompts": ["a"], "arrays": [np.zeros((2, 2, 3), int).tolist()]}).encode())
+    assert status == 400 and "at least 8 pixels a side" in body["error"]
+    status, body = _post(url, _body(["a"], [np.zeros((300, 300, 3), np.uint8)]))
+    assert status == 413 and "limit is 256 per side" in body["error"]
+
+
+def test_only_rgb_pngs_are_images(served):
+    from PIL import Image
+
+    _, url = served
+    image = _samples(1)[0][0]
+    for mode, fmt, message in (("RGBA", "PNG", "mode RGBA"), ("RGB", "JPEG", "is JPEG"), ("I;16", "PNG", "mode I;16")):
+        buf = io.BytesIO()
+        pil = Image.fromarray(image).convert("RGBA") if mode == "RGBA" else Image.fromarray(image)
+        if mode == "I;16":
+            pil = Image.fromarray((image[..., 0].astype(np.uint16) * 256))
+        pil.save(buf, format=fmt)
+        status, body = _post(url, json.dumps({"prompts": ["a red circle"], "images": [base64.b64encode(buf.getvalue()).decode()]}).encode())
+        assert status == 415 and message in body["error"], (mode, fmt, body)
+
+
+def test_prompts_follow_the_one_prompt_rule(served):
+    _, url = served
+    image = _samples(1)[0][0]
+    for prompt, message in (("a red\\ncircle", "U+000A"), ("a red\u007fcircle", "U+007F"), ("a red\u0085circle", "U+0085"),
+                            ("a \u202ered circle", "U+202E")):
+        status, body = _post(url, _body([prompt.replace("\\n", "\n")], [image]))
+        assert status == 400 and message in body["error"] and "control character" in body["error"], prompt
+
+
+def test_deeply_nested_json_is_refused_without_recursion(served):
+    _, url = served
+    status, body = _post(url, b"[" * 100_000)
+    assert status == 400 and "nests 100000 levels deep" in body["error"]
+
+
+def test_stalled_clients_release_their_slots(served, apps):
+    """As many clients as the replica's max_ongoing_requests declare a longer body than they send: each is closed
+    with 408 at the body deadline, and a valid request meanwhile is answered within that deadline plus a margin."""
+    cfg, _ = apps
+    _, url = served
+    host, port = "127.0.0.1", cfg.http.port
+    images, prompts = _samples(1)
+    valid = _body(prompts, images)
+    stalled = []
+    for _ in range(4):
+        s = socket.create_connection((host, port), timeout=30)
+        s.sendall(f"POST /clip-score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(valid) + 100}\r\n\r\n".encode() + valid)
+        stalled.append(s)
+    start = time.monotonic()
+    status, _ = _post(url, valid, timeout=60)
+    elapsed = time.monotonic() - start
+    assert status == 200 and elapsed < cfg.http.body_timeout_s + 15, f"answered after {elapsed:.1f} s"
+    for s in stalled:
+        reply = s.recv(4096).decode(errors="replace")
+        assert reply.startswith("HTTP/1.1 408"), reply[:200]
+        s.close()
+
+
+def test_bounded_fuzz_never_gets_a_server_error(served):
+    """300 malformed bodies (types, nesting, encodings, sizes, truncated and lying headers), loopback only: no 5xx,
+    and a valid request afterwards scores as before."""
+    _, url = served
+    cfg_port = int(url.split(":")[2].split("/")[0])
+    rng = np.random.default_rng(0)
+    images, prompts = _samples(1)
+    valid = _body(prompts, images)
+    before = _post(url, valid)[1]["scores"]
+    pieces = [b"{", b"}", b"[", b"]", b'"prompts"', b'"images"', b'"arrays"', b":", b",", b"null", b"1e309", b"-1",
+              b'"\\ud800"', b'"\\u0000"', b"\xff\xfe", b'"iVBORw0KGgo="', b"true", b"[[[[1,2,3]]]]", b'"' + b"a" * 5000 + b'"']
+    statuses = []
+    for i in range(300):
+        kind = i % 3
+        if kind == 0:  # random token soup
+            body = b"".join(pieces[j] for j in rng.integers(0, len(pieces), rng.integers(1, 40)))
+        elif kind == 1:  # a valid body, cut or with bytes flipped
+            body = bytearray(valid[: rng.integers(1, len(valid))])
+            for j in rng.integers(0, len(body), 3):
+                body[j] = int(rng.integers(0, 256))
+            body = bytes(body)
+        else:  # well-formed JSON of the wrong types
+            body = json.dumps({"prompts": [int(rng.integers(0, 9))] if rng.random() < 0.5 else ["a"] * int(rng.integers(0, 3)),
+                               "images": [str(rng.random())] if rng.random() < 0.5 else [[1, 2]]}).encode()
+        if i % 25 == 24:  # a lying short Content-Length over a raw socket
+            with socket.create_connection(("127.0.0.1", cfg_port), timeout=30) as s:
+                s.sendall(f"POST /clip-score HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n".encode() + body)
+                reply = s.recv(4096).decode(errors="replace")
+            statuses.append(int(reply.split(" ")[1]) if reply.startswith("HTTP/1.1") else 0)
+            continue
+        statuses.append(_post(url, body, timeout=60)[0])
+    assert statuses and all(s < 500 for s in statuses), sorted(set(statuses))
+    assert _post(url, valid)[1]["scores"] == pytest.approx(before, rel=1e-6)
+
+
+def test_generate_refuses_bytes_that_are_not_utf8_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "generate", "--prompt", b"a red \xff circle", "--out",
+                           str(tmp_path / "out")], capture_output=True, timeout=300)
+    err = proc.stderr.decode(errors="replace").strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and "lone surrogate" in err[0], err[-5:]
+    assert not (tmp_path / "out").exists()

@@ -52,11 +52,20 @@ def caption_batch(tokenizer, prompts: Sequence[str]) -> tuple[torch.Tensor, torc
     return enc.input_ids, enc.attention_mask, prompt_mask
 
 
+def fit_to_model(model: BlipForConditionalGeneration, images01: torch.Tensor) -> torch.Tensor:
+    """Images of any size resized to the vision model's square input (bicubic, antialiased), as BLIP's image
+    processor does; unchanged when already that size; differentiable."""
+    size = model.config.vision_config.image_size
+    if tuple(images01.shape[-2:]) == (size, size):
+        return images01
+    return F.interpolate(images01, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+
+
 def caption_nll(model: BlipForConditionalGeneration, tokenizer, images01: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
     """Per-sample NLL (summed over the prompt's tokens, end-of-text included) of `prompts` given images in [0, 1]."""
     device = images01.device
     input_ids, attention_mask, prompt_mask = (t.to(device) for t in caption_batch(tokenizer, prompts))
-    out = model(pixel_values=images01 * 2.0 - 1.0, input_ids=input_ids, attention_mask=attention_mask)
+    out = model(pixel_values=fit_to_model(model, images01) * 2.0 - 1.0, input_ids=input_ids, attention_mask=attention_mask)
     logits = out.logits[:, :-1].float()
     targets = input_ids[:, 1:]
     token_nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
@@ -66,6 +75,6 @@ def caption_nll(model: BlipForConditionalGeneration, tokenizer, images01: torch.
 @torch.no_grad()
 def greedy_captions(model: BlipForConditionalGeneration, tokenizer, images01: torch.Tensor, max_new_tokens: int = 40) -> list[str]:
     prefix = tokenizer([CAPTION_PREFIX] * len(images01), return_tensors="pt").input_ids
-    out = model.generate(pixel_values=images01 * 2.0 - 1.0, input_ids=prefix, max_new_tokens=max_new_tokens, do_sample=False)
+    out = model.generate(pixel_values=fit_to_model(model, images01) * 2.0 - 1.0, input_ids=prefix, max_new_tokens=max_new_tokens, do_sample=False)
     texts = tokenizer.batch_decode(out, skip_special_tokens=True)
     return [t.strip()[len(CAPTION_PREFIX):].strip() if t.strip().startswith(CAPTION_PREFIX) else t.strip() for t in texts]

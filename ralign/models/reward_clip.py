@@ -75,9 +75,25 @@ def tokenize(tokenizer, prompts: Sequence[str], device=None) -> torch.Tensor:
     return ids.to(device) if device is not None else ids
 
 
+def fit_to_model(model: open_clip.CLIP, images01: torch.Tensor) -> torch.Tensor:
+    """Images of any size brought to the vision tower's input as open_clip's own preprocessing does: the shorter
+    side resized to the input size (bicubic, antialiased), then a centre crop. Unchanged when already that size;
+    differentiable."""
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    h, w = images01.shape[-2:]
+    if (h, w) == (size, size):
+        return images01
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    resized = F.interpolate(images01, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return resized[..., top:top + size, left:left + size]
+
+
 def encode_images(model: open_clip.CLIP, images01: torch.Tensor) -> torch.Tensor:
-    """Normalised image embeddings of images in [0, 1] (differentiable)."""
-    return F.normalize(model.encode_image(images01 * 2.0 - 1.0), dim=-1)
+    """Normalised image embeddings of images in [0, 1] of any size (differentiable)."""
+    return F.normalize(model.encode_image(fit_to_model(model, images01) * 2.0 - 1.0), dim=-1)
 
 
 def encode_texts(model: open_clip.CLIP, tokenizer, prompts: Sequence[str]) -> torch.Tensor:

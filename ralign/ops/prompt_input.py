@@ -1,10 +1,11 @@
-"""Prompts typed or listed by a person (`ralign generate --prompt / --prompts-file`), checked before a model is loaded
-or a file written. Each problem is one line naming where the prompt came from (`FILE:LINE` or `--prompt N`) and
-what is wrong with it.
+"""Prompts typed or listed by a person (`ralign generate --prompt / --prompts-file`) or sent to a reward server (HTTP
+`prompts`), checked by one rule (`prompt_problem`) before a model is loaded or a file written. Each problem is one
+line naming where the prompt came from (`FILE:LINE`, `--prompt N`, `prompts[N]`) and what is wrong with it.
 
 What happens to each kind of input:
 - blank lines (empty, or whitespace only): skipped and reported; a trailing newline or a spacer line is no prompt;
 - bytes that are not UTF-8: refused, naming the line and the byte; a UTF-8 byte-order mark at the start is accepted;
+- lone surrogates (what an argument holding bytes that are not UTF-8 decodes to, or a JSON `\\ud800`): refused;
 - control characters (C0 and C1 codes except tab, DEL, Unicode line / paragraph separators, bidirectional
   overrides and isolates): refused. Some would split a line where an editor shows one (form feed, vertical tab,
   U+2028 count as line breaks for `str.splitlines`), others make the text display differently from what the model
@@ -44,24 +45,33 @@ def _control_character(text: str) -> tuple[int, str] | None:
     for column, ch in enumerate(text, 1):
         if ch == "\t":
             continue
-        if unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch in _BIDI_CONTROLS:
+        if unicodedata.category(ch) in ("Cc", "Zl", "Zp", "Cs") or ch in _BIDI_CONTROLS:
             return column, ch
     return None
 
 
-def check_prompt(text: str, where: str) -> Prompt:
-    """The prompt with surrounding whitespace removed, or PromptInputError naming `where` and the problem."""
+def prompt_problem(text: str, max_chars: int = MAX_PROMPT_CHARS) -> str | None:
+    """What is wrong with a prompt, as a phrase (None: nothing). The one rule for every entry point."""
     bad = _control_character(text)
     if bad:
         column, ch = bad
-        raise PromptInputError(f"{where}: control character U+{ord(ch):04X} at column {column}; a prompt must be plain text "
-                               "on one line")
-    if len(text) > MAX_PROMPT_CHARS:
-        raise PromptInputError(f"{where}: {len(text)} characters; a prompt may have at most {MAX_PROMPT_CHARS}")
-    stripped = text.strip()
-    if not stripped:
-        raise PromptInputError(f"{where}: empty prompt")
-    return Prompt(stripped, where)
+        if unicodedata.category(ch) == "Cs":
+            return f"a lone surrogate U+{ord(ch):04X} at column {column} (text that was not valid UTF-8)"
+        return (f"control character U+{ord(ch):04X} at column {column}; a prompt must be plain text on one line, "
+                "without control characters")
+    if len(text) > max_chars:
+        return f"{len(text)} characters; a prompt may have at most {max_chars}"
+    if not text.strip():
+        return "empty prompt"
+    return None
+
+
+def check_prompt(text: str, where: str, max_chars: int = MAX_PROMPT_CHARS) -> Prompt:
+    """The prompt with surrounding whitespace removed, or PromptInputError naming `where` and the problem."""
+    problem = prompt_problem(text, max_chars)
+    if problem:
+        raise PromptInputError(f"{where}: {problem}")
+    return Prompt(text.strip(), where)
 
 
 def read_prompt_file(path: str | Path) -> tuple[list[Prompt], list[int]]:

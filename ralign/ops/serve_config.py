@@ -93,7 +93,26 @@ class HttpSection(StrictModel):
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # larger bodies are refused with 413
     max_images_per_request: int = Field(64, ge=1)
     max_image_side: int = Field(1024, ge=8)
+    min_image_side: int = Field(8, ge=1)  # smaller images carry nothing a reward could judge: 400
     max_prompt_chars: int = Field(4000, ge=1)
+    max_json_depth: int = Field(8, ge=5, le=64)  # the API's own nesting is 5 ('arrays' of rows of pixels); deeper: 400
+    # A request body must have arrived within body_timeout_s of the request (408 otherwise, and its slot is free
+    # again); a request must be answered within request_timeout_s (Ray Serve's own HTTP deadline, 408). Defaults
+    # suit 16 MB of PNGs on a slow link and a loaded replica.
+    body_timeout_s: float = Field(10.0, gt=0, le=600)
+    request_timeout_s: float = Field(60.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _deadlines(self) -> "HttpSection":
+        if self.body_timeout_s >= self.request_timeout_s:
+            raise ValueError(f"http.body_timeout_s={self.body_timeout_s:g} must be below http.request_timeout_s="
+                             f"{self.request_timeout_s:g}: the body is part of the request")
+        if self.min_image_side > self.max_image_side:
+            raise ValueError(f"http.min_image_side={self.min_image_side} exceeds http.max_image_side={self.max_image_side}")
+        return self
+
+    def ray_http_options(self) -> dict[str, Any]:
+        return {"host": self.host, "port": self.port, "request_timeout_s": self.request_timeout_s}
 
 
 class ServeConfig(StrictModel):
@@ -133,7 +152,7 @@ class ServeConfig(StrictModel):
                     "ray_actor_options": d.ray_actor_options.ray_dict(),
                 }],
             })
-        return {"http_options": {"host": self.http.host, "port": self.http.port}, "applications": apps}
+        return {"http_options": self.http.ray_http_options(), "applications": apps}
 
     def validate_with_ray(self) -> None:
         """Check the generated declarative config against Ray Serve's own schema."""
