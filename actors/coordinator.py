@@ -52,8 +52,7 @@ class RolloutCoordinator:
         self.group_size = algorithm.samples_per_prompt
         self.pipeline = RolloutPipeline(self.samplers, self.rewards, PromptSource(cfg, self.group_size), cfg,
                                         plan_fn=algorithm.request_plan, group_size=self.group_size)
-        self.pipeline.schedule.next_id = next_id
-        self.pipeline.schedule.learner_version = version
+        self.pipeline.schedule.start_at(next_id, version)
         self.lock = threading.Lock()
         self.stopped = threading.Event()
         self.progress: dict = {"iteration": 0}
@@ -129,12 +128,9 @@ class RolloutCoordinator:
         (counted), ids continue past both the checkpoint's and this coordinator's, samplers get the weights."""
         with self.lock:
             self.pipeline.drain()  # in-flight requests finish; they and the queued ones are never trained on
-            ledger, schedule = self.pipeline.ledger, self.pipeline.schedule
-            ledger.dropped_stale.update(ledger.unused)
-            ledger.unused.clear()
-            # Ids start a new group (and request) where both attempts have issued none yet.
-            step = self.cfg.ray.request_batch
-            schedule.next_id = -(-max(schedule.next_id, int(next_id)) // step) * step
+            self.pipeline.schedule.abandon_unused()
+            # Ids continue past both attempts' (a new request and group begins there).
+            self.pipeline.schedule.start_at(next_id, version)
             ref = ray.put(state)
             ray.get(self.pipeline.broadcast_async(ref, version))
 
@@ -168,9 +164,7 @@ class RolloutCoordinator:
 
     def stats(self) -> dict:
         with self.lock:
-            s = self.pipeline.schedule
-            return {"ledger": s.ledger.summary(), "next_id": s.next_id, "learner_version": s.learner_version,
-                    "sample_s": s.stats["sample_s"], "score_s": s.stats["score_s"], "learner_wait_s": s.stats["learner_wait_s"]}
+            return self.pipeline.schedule.summary()
 
     def shutdown(self) -> dict:
         """Stop pumping, finish in-flight requests (so the ledger is final) and return the ledger summary."""
@@ -178,9 +172,7 @@ class RolloutCoordinator:
         self.thread.join(timeout=30)
         with self.lock:
             self.pipeline.drain()
-            self.pipeline.ledger.check()
-            summary = self.pipeline.ledger.summary()
-            summary["balanced"] = self.pipeline.ledger.terminal() == self.pipeline.ledger.issued
+            summary = self.pipeline.schedule.final_ledger()
         for actor in self.samplers + self.rewards:
             ray.kill(actor)
         return summary

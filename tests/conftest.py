@@ -12,15 +12,20 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def ray_local():
+    """One local Ray instance for the whole suite, shared: tests use it in this process, and every `ralign train` a
+    test starts as a subprocess joins it through RAY_ADDRESS (the job driver's own rule inside a Ray cluster)
+    instead of starting a cluster of its own (about 15-25 s each on this machine). Its CPUs are logical: a module's
+    long-lived actors must not starve the jobs of later modules. The dashboard serves the state API that Ray Train
+    V2's placement-group cleaner polls."""
     import ray
 
     last = None
     # Under load the local raylet sometimes misses its start-up deadline; a retry is enough (STACK-NOTES).
     for attempt in range(3):
         try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+            ray.init(address="local", num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
                      runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}})
             break
         except Exception as exc:  # noqa: BLE001 - any start-up failure is retried, then re-raised
@@ -29,9 +34,10 @@ def ray_local():
             time.sleep(3 * (attempt + 1))
     else:
         raise last
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield ray
+    os.environ.pop("RAY_ADDRESS", None)
     ray.shutdown()
-
 
 @pytest.fixture
 def ralign_cli_inprocess():

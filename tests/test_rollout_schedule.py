@@ -207,3 +207,17 @@ def test_a_batch_larger_than_the_backpressure_bound_is_still_filled():
         batch = s.take(6)
     assert len(batch) == 6 and np.isfinite(batch.scores).all()
     balanced(s)
+
+
+def test_a_resumed_run_continues_at_a_request_boundary_and_drops_what_it_had():
+    s = RolloutSchedule(pipeline_config(request_batch=4, max_unconsumed=2), 1, 1, PromptCycle(), group_size=2)
+    for order in of(s.orders(), Sample):
+        (score,) = s.sampled(order.ticket, chains(order.request))
+        s.scored(score.ticket, scored(score.batch))
+    s.finish()  # the interrupted attempt's rollouts are left over
+    s.abandon_unused()
+    s.start_at(next_id=9, learner_version=3)
+    assert s.next_id == 12 and s.learner_version == 3  # 9 rounded up to the next request of 4
+    assert s.ledger.dropped_stale == set(range(8)) and s.final_ledger()["balanced"]
+    (order, *_) = of(s.orders(), Sample)
+    assert order.request.ids[0] == 12

@@ -441,6 +441,29 @@ class RolloutSchedule:
         while self.ready:
             self.ledger.unused.update(self.ready.popleft().ids)
 
+    def start_at(self, next_id: int, learner_version: int) -> None:
+        """Continue a run: sample ids from `next_id` (rounded up to a request boundary, where a new request and
+        group begins) and judge staleness against `learner_version`."""
+        step = self.ray.request_batch
+        self.next_id = -(-max(self.next_id, int(next_id)) // step) * step
+        self.learner_version = int(learner_version)
+
+    def abandon_unused(self) -> None:
+        """After a learner restart (and a drain): what was produced for the interrupted attempt is never trained
+        on; it is counted as dropped-stale."""
+        self.ledger.dropped_stale.update(self.ledger.unused)
+        self.ledger.unused.clear()
+
+    def summary(self) -> dict:
+        return {"ledger": self.ledger.summary(), "next_id": self.next_id, "learner_version": self.learner_version,
+                "sample_s": self.stats["sample_s"], "score_s": self.stats["score_s"],
+                "learner_wait_s": self.stats["learner_wait_s"]}
+
+    def final_ledger(self) -> dict:
+        """The checked ledger at the end of a run (call after the in-flight calls are done)."""
+        self.ledger.check()
+        return {**self.ledger.summary(), "balanced": self.ledger.terminal() == self.ledger.issued}
+
     def take_metric_batches(self) -> list[Chains]:
         out = list(self.metric_batches)
         self.metric_batches.clear()
