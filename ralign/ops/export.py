@@ -166,7 +166,7 @@ def export_checkpoint(ref: str, out: str | Path, fmt: str = "lora", tracking_uri
     """Export checkpoint `ref` (a directory, runs:/ or models:/ URI) to `out`; returns {format, out, files, notes}."""
     from ralign.diffusion.policy import policy_from_checkpoint
     from ralign.models.weights import read_json
-    from ralign.ops.model_registry import local_checkpoint
+    from ralign.ops.checkpoint_refs import local_checkpoint
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {list(FORMATS)}")
