@@ -259,7 +259,7 @@ class RolloutPipeline:
     def broadcast_async(self, state_ref, version: int) -> list:
         """Queue new weights on every sampler without waiting: each sampler applies them after the request it is
         running (actor tasks run in submission order), and every rollout records the version it used."""
-        self.schedule.learner_version = max(self.schedule.learner_version, version)
+        self.schedule.published(version)
         self.latest_weights = (state_ref, version)
         return [s.set_weights.remote(state_ref, version) for s in self.samplers]
 

@@ -504,7 +504,7 @@ def bench_memory(
 
 @bench_app.command("pipeline")
 def bench_pipeline(
-    config: Annotated[Path, typer.Option(help="A DPOK training config.")] = Path("jobs/configs/quickstart.yaml"),
+    config: Annotated[Path, typer.Option(help="A training config whose algorithm learns from scored rollouts (DPOK, GRPO, RSFT).")] = Path("jobs/configs/quickstart.yaml"),
     iterations: Annotated[int, typer.Option(min=1, help="Measured iterations per mode (after the warm-up ones).")] = 6,
     warmup: Annotated[int, typer.Option(min=0, help="Warm-up iterations left out of every mode's rates.")] = 2,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key (repeatable).")] = None,

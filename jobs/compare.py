@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 METHODS: dict[str, str | None] = {
     "base": None,
+    "grpo": "quickstart.yaml",  # GRPO + CLIP score: the README's main job
     "dpok": "dpok.yaml",  # DPOK + CLIP score
     "refl": "refl.yaml",  # ReFL + preference
     "draft": "draft.yaml",  # direct backprop (DRaFT-K) + preference
@@ -39,7 +40,7 @@ METHODS: dict[str, str | None] = {
 # (re)trained; the stage's wall time counts towards the method's.
 PRE_STAGES: dict[str, str] = {"longalign": "longalign_sft.yaml"}
 LABELS = {
-    "base": "base (no training)", "dpok": "DPOK + CLIP score", "refl": "ReFL + preference",
+    "base": "base (no training)", "grpo": "GRPO + CLIP score (quickstart)", "dpok": "DPOK + CLIP score", "refl": "ReFL + preference",
     "draft": "DRaFT-2 + preference", "longalign": "LongAlign", "comat": "CoMat", "textcraftor": "TextCraftor",
     "textcraftor_unet": "TextCraftor + UNet",
 }

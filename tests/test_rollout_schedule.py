@@ -69,6 +69,37 @@ def test_backpressure_bounds_what_is_issued_and_take_consumes_each_sample_once()
     balanced(s)
 
 
+def test_on_policy_samplers_wait_for_the_new_weights_instead_of_sampling_stale_rollouts():
+    cfg = pipeline_config(request_batch=2, max_inflight_per_sampler=4, max_unconsumed=8, max_staleness=0)
+    s = RolloutSchedule(cfg, 1, 1, PromptCycle())  # train.batch_size 8: 4 requests per policy version
+    for version in range(3):
+        pending = []
+        while s.take(8, learner_version=version) is None:  # asked for after every rollout: it arrives part by part
+            pending += of(s.orders(), Sample)
+            assert pending, "the learner waits for samples that were never issued"
+            order = pending.pop(0)
+            (score,) = s.sampled(order.ticket, chains(order.request, version))
+            s.scored(score.ticket, scored(score.batch))
+        assert not pending and not s.sampling  # a waiting learner got what it lacked, not more
+        # The learner updates now: anything sampled before it publishes would be one version too old.
+        assert of(s.orders(), Sample) == []
+        s.published(version + 1)
+    assert len(s.ledger.consumed) == 24 and not s.ledger.dropped_stale
+    balanced(s)
+
+
+def test_a_learner_that_restarts_is_never_left_waiting():
+    s = RolloutSchedule(pipeline_config(request_batch=2, max_inflight_per_sampler=4, max_staleness=0), 1, 1, PromptCycle())
+    for order in of(s.orders(), Sample):
+        (score,) = s.sampled(order.ticket, chains(order.request))
+        s.scored(score.ticket, scored(score.batch))
+    assert s.take(8, learner_version=0) is not None
+    # The learner died before publishing and comes back at version 0: it asks for the same version's batch again.
+    s.abandon_unused()
+    assert s.take(8, learner_version=0) is None and of(s.orders(), Sample)
+    balanced(s)
+
+
 def test_a_rollout_is_split_only_at_group_boundaries():
     s = RolloutSchedule(pipeline_config(request_batch=4, max_unconsumed=4), 1, 1, PromptCycle(), group_size=2)
     for order in of(s.orders(), Sample):

@@ -127,14 +127,19 @@ def test_train_rejects_bad_configs_in_one_line(tmp_path, override, message):
     assert not (tmp_path / "mlflow.db").exists()  # nothing was started or written
 
 
-def test_two_learner_workers_share_each_update(tmp_path):
+def test_two_grpo_learner_workers_share_each_update(tmp_path):
     out = tmp_path / "summary.json"
     _run(_cmd(tmp_path, "--set", "ray.learners=2", "--set", "ray.learner_cpus=0.5", "--set", "train.iterations=2",
+              "--set", "algorithm.name=grpo", "--set", "algorithm.grpo.group_size=2", "--set", "algorithm.grpo.skip_last_steps=1",
               "--set", "train.eval.before_after=false", "--json", str(out)))
     summary = json.loads(out.read_text())
-    # Each of the 2 workers trained on its own 4 samples per iteration: 16 samples, each exactly once.
+    # Each of the 2 workers trained on its own 4 samples (2 groups of 2) per iteration: 16 samples, each exactly once.
     assert summary["ledger"]["consumed"] == 2 * 2 * 4 and summary["ledger"]["balanced"]
     client = MlflowClient(summary["tracking_uri"])
     assert _iterations(client, summary["run_id"]) == [1, 2]
+    run = client.get_run(summary["run_id"])
+    assert run.data.params["algorithm.name"] == "grpo"
+    # The advantages' scale is gathered over both workers; the adapters moved (KL to the reference above 0).
+    assert run.data.metrics["advantage_abs_mean"] > 0 and run.data.metrics["kl"] > 0
     samples_per_s = client.get_metric_history(summary["run_id"], "learner_samples_per_s")
     assert len(samples_per_s) == 2 and all(m.value > 0 for m in samples_per_s)
