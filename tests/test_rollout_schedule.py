@@ -70,7 +70,7 @@ def test_backpressure_bounds_what_is_issued_and_take_consumes_each_sample_once()
 
 
 def test_on_policy_samplers_wait_for_the_new_weights_instead_of_sampling_stale_rollouts():
-    cfg = pipeline_config(request_batch=2, max_inflight_per_sampler=4, max_unconsumed=8, max_staleness=0)
+    cfg = pipeline_config(request_batch=2, max_inflight_per_sampler=4, max_unconsumed=8, max_staleness=0, iterations=3)
     s = RolloutSchedule(cfg, 1, 1, PromptCycle())  # train.batch_size 8: 4 requests per policy version
     for version in range(3):
         pending = []
@@ -85,6 +85,9 @@ def test_on_policy_samplers_wait_for_the_new_weights_instead_of_sampling_stale_r
         assert of(s.orders(), Sample) == []
         s.published(version + 1)
     assert len(s.ledger.consumed) == 24 and not s.ledger.dropped_stale
+    # After the run's last update (train.iterations=3 here) nothing more is sampled for training.
+    s.published(cfg.train.iterations)
+    assert of(s.orders(), Sample) == [] and not s.ledger.issued - set(s.ledger.consumed)
     balanced(s)
 
 

@@ -146,6 +146,7 @@ class RolloutSchedule:
         self.max_unconsumed = cfg.unconsumed_bound()
         self.max_bad_fraction = cfg.train.max_bad_reward_fraction
         self.per_iteration = cfg.train.batch_size * cfg.ray.learners  # samples all learners take per policy version
+        self.final_version = cfg.train.iterations  # the policy's version after the last update (one per iteration)
         self.min_samples_for_bad_fraction = cfg.train.batch_size
         self.n_samplers, self.n_rewards = n_samplers, n_rewards
         self.prompts, self.plan, self.group_size, self.clock = prompts, plan, group_size, clock
@@ -186,7 +187,8 @@ class RolloutSchedule:
         on-policy run (max_staleness 0) keeps its samplers busy while the learner updates, on rollouts that the
         update makes stale (measured: 576 of 1280 samples dropped in the quickstart)."""
         taking = sum(len(b) for b in self.taking)
-        return (self.ray.max_staleness + 1) * self.per_iteration - self.taken_at_version - taking - self._coming()
+        versions = min(self.ray.max_staleness + 1, self.final_version - self.learner_version)  # none after the last update
+        return versions * self.per_iteration - self.taken_at_version - taking - self._coming()
 
     def _coming(self) -> int:
         """Samples sampled, scored or waiting that are fresh enough for the learner's next take."""
