@@ -95,6 +95,28 @@ def test_the_maths_imports_no_ray():
     assert not {m: d for m, d in offenders.items() if d}
 
 
+def test_no_reward_can_reach_the_oracle():
+    """The oracle only measures: no reward, reward model, algorithm or the rollout path may import it, directly or
+    through other modules (the reward registry's builders are named in strings, so they are walked too)."""
+    graph = import_graph()
+    registry = ROOT / "ralign" / "rewards" / "registry.py"
+    builders = {line.split('"')[3].split(":")[0] for line in registry.read_text().splitlines() if '": "ralign.rewards.' in line}
+    assert "ralign.rewards.clip_score" in builders
+
+    def reached(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    guarded = [m for m in graph if m.startswith(("ralign.rewards", "ralign.models", "ralign.algorithms", "ralign.rollout"))]
+    offenders = sorted(m for m in set(guarded) | builders if "ralign.world.oracle" in reached(m))
+    assert not offenders, f"these reach ralign.world.oracle: {offenders}"
+
+
 def test_the_walk_sees_imports_inside_functions_and_skips_type_checking_blocks():
     source = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import actors.rollout\ndef f():\n    import jobs.cli\n"
     assert _imports(ast.parse(source), "ralign.x", False) >= {"jobs.cli"}
