@@ -28,7 +28,6 @@ from ralign.algorithms.registry import algorithm_class
 from ralign.diffusion.seeding import seed_lora_init
 from ralign.rollout.batch import Chains
 from ralign.training.config import TrainConfig
-from ralign.training.learner import Learner
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +64,11 @@ def train_loop_per_worker(config: dict) -> None:
     """Entry point of every Ray Train worker."""
     import json
 
+    # Imported here, not at the top: the driver imports this module only to hand this function to Ray Train, and
+    # DeepSpeed and diffusers would cost it ~10 s of CPU for nothing.
     from ralign.diffusion.policy import build_policy
     from ralign.rewards.registry import build_reward
+    from ralign.training.learner import Learner
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = TrainConfig.model_validate(config["cfg"])

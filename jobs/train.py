@@ -57,18 +57,20 @@ def flat_params(data: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _init_ray(cfg: TrainConfig) -> None:
+def _init_ray(cfg: TrainConfig) -> bool:
+    """Connect to (or start) Ray; False when this process was already connected (a caller that embeds `train`,
+    e.g. the test suite, keeps its connection: `train` must not shut it down)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     env = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "MLFLOW_DISABLE_TELEMETRY")
                         if k in os.environ}}
     # Inside a Ray job (`ralign submit`) RAY_ADDRESS names the cluster the job runs on: join it, never start another.
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=env)
-        return
+        return True
     last = None
     for attempt in range(3):  # a loaded machine sometimes misses the raylet start-up deadline (STACK-NOTES)
         try:
@@ -77,7 +79,7 @@ def _init_ray(cfg: TrainConfig) -> None:
             # Loopback only: nothing is exposed outside the machine.
             ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                      runtime_env=env)
-            return
+            return True
         except Exception as exc:  # noqa: BLE001 - retried, then re-raised
             last = exc
             ray.shutdown()
@@ -222,7 +224,7 @@ def train(cfg: TrainConfig | None, resume: str | None = None, tracking_uri: str 
     uri = absolute_tracking_uri(tracking_uri or (cfg.tracking.tracking_uri if cfg else TrainConfig().tracking.tracking_uri))
     client, run_id, cfg, ray_name, storage = _open_run(cfg, resume, uri, overrides)
     log.info("MLflow run %s at %s", run_id, redact_credentials(uri))
-    _init_ray(cfg)
+    connected_here = _init_ray(cfg)
     coordinator = RolloutCoordinator.remote(cfg.model_dump(mode="json"))
     ray.get(coordinator.ready.remote())
     # Process ids, so an operator (or a fault drill) can find the rollout actors of this run on its nodes.
@@ -254,11 +256,13 @@ def train(cfg: TrainConfig | None, resume: str | None = None, tracking_uri: str 
         client.log_dict(run_id, ledger, "pipeline_ledger.json")
         RunLogger(uri, run_id, enabled=True).quarantined(ray.get(coordinator.quarantine_records.remote()))
         client.set_terminated(run_id, status=status)
+        ray.kill(coordinator)  # it has stopped its samplers and reward actors; an embedding process lives on
         if bar.is_alive():
             bar.join(timeout=5)
     if failure is not None:
         log.error("training failed", exc_info=failure)
-        ray.shutdown()  # Ray flushes the workers' forwarded logs now, so the one-line reason comes after them
+        if connected_here:
+            ray.shutdown()  # Ray flushes the workers' forwarded logs now, so the one-line reason comes after them
         raise TrainingFailed(training_failure(failure)) from failure
     checkpoint = result.checkpoint.path if result.checkpoint else None
     summary = summarize(client, run_id, cfg, checkpoint, uri)

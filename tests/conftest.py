@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import pytest
@@ -48,3 +49,25 @@ def ralign_cli_inprocess():
     from jobs.cli import app
 
     return lambda *args: CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def ralign_cli(capsys, monkeypatch):
+    """`ralign ARGS` through `jobs.cli.main`, the console script's own function, in this process (a subprocess per
+    case would spend seconds importing torch): exit code, stdout, stderr."""
+    from jobs.cli import main
+
+    from faults.cli_runs import Outcome
+
+    def run(*args) -> Outcome:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["ralign", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return Outcome(code, captured.out, captured.err)
+
+    return run

@@ -35,9 +35,11 @@ def test_bench_memory_tiny(tmp_path):
     assert set(result["growth_exponent"]) == {"checkpointing", "no_checkpointing"}
 
 
-def test_bench_pipeline_tiny(tmp_path):
+def test_bench_pipeline_tiny(ralign_cli_inprocess, tmp_path):
     out = tmp_path / "pipeline.json"
-    _ralign("bench", "pipeline", "--config", TINY, "--iterations", "1", "--warmup", "1", "--json", str(out))
+    # In this process, on the suite's Ray cluster (the other benchmarks start processes or a cluster of their own).
+    result = ralign_cli_inprocess("bench", "pipeline", "--config", TINY, "--iterations", "1", "--warmup", "1", "--json", str(out))
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
     result = json.loads(out.read_text())
     assert set(result["samples_per_s"]) == {"sample_stage", "reward_stage", "learn_stage", "sequential", "pipeline"}
     assert all(_finite(v) and v > 0 for v in result["samples_per_s"].values())

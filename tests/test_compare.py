@@ -5,21 +5,23 @@ and reuse of unchanged rows."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import logging
 
 from ralign.world.prompts import FAMILIES
 
 
-def test_compare_base_and_comat_tiny(tmp_path):
+def test_compare_base_and_comat_tiny(ralign_cli_inprocess, tmp_path, monkeypatch, caplog):
+    # In this process, on the suite's Ray cluster: a subprocess per run would spend its start-up importing what the
+    # suite has imported. The working directory is the user's, as a subprocess with cwd=tmp_path had it.
+    monkeypatch.chdir(tmp_path)
     out, js = tmp_path / "out", tmp_path / "compare.json"
-    args = [sys.executable, "-m", "jobs.cli", "compare", "--methods", "base,comat", "--n", "1", "--out", str(out), "--json", str(js),
+    args = ["compare", "--methods", "base,comat", "--n", "1", "--out", str(out), "--json", str(js),
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
             "--set", "train.iterations=1", "--set", f"ray.storage_path={tmp_path / 'ray'}", "--set", "ray.num_cpus=2",
             # request 1 is then a metrics rollout, issued before request 2 that the learner trains on
             "--set", "ray.metric_rollout_every=2"]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = ralign_cli_inprocess(*args)
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
     results = json.loads(js.read_text())
     assert set(results) >= {"machine", "rows"} and set(results["rows"]) == {"base", "comat"}
     for method, row in results["rows"].items():
@@ -50,6 +52,8 @@ def test_compare_base_and_comat_tiny(tmp_path):
     assert "| CoMat |" in md and "| base (no training) |" in md and js.with_suffix(".md").is_file()
     assert (out / "grids" / "comat" / "grid_binding.png").is_file() and (out / "montage_binding.png").is_file()
     # unchanged rows are reused, not retrained
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0 and "reusing comat" in proc.stderr
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="jobs.compare"):
+        result = ralign_cli_inprocess(*args)
+    assert result.exit_code == 0 and "reusing comat" in caplog.text, (result.output[-3000:], result.exception)
     assert json.loads(js.read_text())["rows"]["comat"]["run_id"] == comat["run_id"]

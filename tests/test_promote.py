@@ -278,30 +278,29 @@ def test_download_by_alias_version_and_run(server, checkpoint, tmp_path):
         download_checkpoint(f"models:/{name}/7", tmp_path / "x", tracking_uri=server)
 
 
-def test_cli_promote_then_generate_from_champion(server, checkpoint, tmp_path):
+def test_cli_promote_then_generate_from_champion(server, checkpoint, tmp_path, ralign_cli, monkeypatch):
     run_id = _log_run(server, checkpoint[0], 0.6)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    # The console script's own `main` in this process, in the user's directory, with no tracking URI in the
+    # environment (only the --tracking-uri option may name the server).
+    monkeypatch.chdir(tmp_path)
+    for key in [k for k in os.environ if k.startswith("MLFLOW_TRACKING_")]:
+        monkeypatch.delenv(key)
 
-    def ralign(*args, timeout=300):
-        return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=timeout,
-                              cwd=tmp_path, env=env)
-
-    proc = ralign("promote", "--run", run_id, "--name", "toy-cli", "--tracking-uri", server, "--json", str(tmp_path / "p.json"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    outcome = ralign_cli("promote", "--run", run_id, "--name", "toy-cli", "--tracking-uri", server, "--json", str(tmp_path / "p.json"))
+    assert outcome.code == 0, outcome.err[-2000:]
     result = json.loads((tmp_path / "p.json").read_text())
-    assert (result["action"], result["version"]) == ("champion", "1") and "alias 'champion' -> v1" in proc.stdout
+    assert (result["action"], result["version"]) == ("champion", "1") and "alias 'champion' -> v1" in outcome.out
 
-    proc = ralign("generate", "--checkpoint", "models:/toy-cli@champion", "--tracking-uri", server, "--prompt", "a red circle",
-                  "--prompt", "two blue squares", "--steps", "2", "--out", str(tmp_path / "gen"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    outcome = ralign_cli("generate", "--checkpoint", "models:/toy-cli@champion", "--tracking-uri", server, "--prompt", "a red circle",
+                         "--prompt", "two blue squares", "--steps", "2", "--out", str(tmp_path / "gen"))
+    assert outcome.code == 0, outcome.err[-2000:]
     assert (tmp_path / "gen" / "0000.png").is_file() and (tmp_path / "gen" / "0001.png").is_file() and (tmp_path / "gen" / "grid.png").is_file()
 
-    proc = ralign("generate", "--checkpoint", "models:/toy-cli@nope", "--tracking-uri", server, "--prompt", "a red circle",
-                  "--out", str(tmp_path / "bad"))
-    assert proc.returncode == 2
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "no alias 'nope'" in errors[0] and "champion -> v1" in errors[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    outcome = ralign_cli("generate", "--checkpoint", "models:/toy-cli@nope", "--tracking-uri", server, "--prompt", "a red circle",
+                         "--out", str(tmp_path / "bad"))
+    error = outcome.one_line_error()
+    assert "no alias 'nope'" in error and "champion -> v1" in error, outcome.err[-2000:]
+    assert "Traceback" not in outcome.err
     assert not (tmp_path / "mlflow.db").exists()  # nothing fell back to a local store in the working directory
 
 

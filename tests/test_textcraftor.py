@@ -4,8 +4,6 @@ and checkpoints that load on their own."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -83,22 +81,20 @@ def test_checkpoint_loads_on_its_own_with_an_interpolation_weight(tmp_path):
         policy_from_checkpoint(tmp_path)
 
 
-def test_generate_cli_interpolates_and_mixes(tmp_path):
+def test_generate_cli_interpolates_and_mixes(ralign_cli, tmp_path):
     _write_checkpoint(tmp_path / "a", _tuned_policy(seed=1))
     _write_checkpoint(tmp_path / "b", _tuned_policy(seed=2))
 
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "jobs.cli", "generate", "--prompt", "a red circle", "--prompt", "three green triangles",
-                               "--steps", "2", *args], capture_output=True, text=True, timeout=300)
+    def run(*args):  # the console script's own `main`, in this process (a subprocess each costs seconds of imports)
+        return ralign_cli("generate", "--prompt", "a red circle", "--prompt", "three green triangles", "--steps", "2", *args)
 
     outs = {}
     for name, extra in {"w0": ["--text-encoder-weight", "0"], "w1": [], "mix": ["--text-encoder-weight", "0.5", "--mix", f"{tmp_path / 'b'}=0.5"]}.items():
-        proc = run("--checkpoint", str(tmp_path / "a"), "--out", str(tmp_path / name), *extra)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        outcome = run("--checkpoint", str(tmp_path / "a"), "--out", str(tmp_path / name), *extra)
+        assert outcome.code == 0, outcome.err[-2000:]
         assert (tmp_path / name / "grid.png").is_file() and (tmp_path / name / "0001.png").is_file()
         outs[name] = (tmp_path / name / "0000.png").read_bytes()
     assert outs["w0"] != outs["w1"] and outs["mix"] != outs["w1"]
-    proc = run("--text-encoder-weight", "0.5", "--out", str(tmp_path / "x"))
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --text-encoder-weight and --mix need a --checkpoint")
-    proc = run("--checkpoint", str(tmp_path / "a"), "--mix", "nonsense", "--out", str(tmp_path / "y"))
-    assert proc.returncode == 2 and "CHECKPOINT_DIR=WEIGHT" in proc.stderr
+    assert run("--text-encoder-weight", "0.5", "--out", str(tmp_path / "x")).one_line_error().startswith(
+        "error: --text-encoder-weight and --mix need a --checkpoint")
+    assert "CHECKPOINT_DIR=WEIGHT" in run("--checkpoint", str(tmp_path / "a"), "--mix", "nonsense", "--out", str(tmp_path / "y")).one_line_error()

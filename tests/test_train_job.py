@@ -1,7 +1,8 @@
-"""`ralign train` end to end: a real local Ray cluster, Ray Train + DeepSpeed learner, MLflow on sqlite.
+"""`ralign train` end to end on the suite's local Ray cluster: Ray Train + DeepSpeed learner, MLflow on sqlite.
 
-Each job runs in its own process (its own local Ray cluster), as a user would run it. The resume test kills the
-first job's whole process group after its first checkpoint and continues the same MLflow run with `--resume`.
+Jobs run through the CLI in this process (a subprocess would spend seconds importing what the suite has imported),
+except where the process itself is under test: the resume test kills a first job's whole process group after its
+first checkpoint and continues the same MLflow run with `--resume`, and the refusals check the real exit code.
 """
 
 from __future__ import annotations
@@ -29,22 +30,21 @@ def _cmd(tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
-def _run(cmd: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+def _train(cli, tmp_path: Path, *extra: str) -> dict:
+    """`ralign train` on the tiny config in this process; returns the summary it wrote."""
+    out = tmp_path / "summary.json"
+    result = cli(*_cmd(tmp_path, *extra, "--json", str(out))[3:])  # without `python -m jobs.cli`
+    assert result.exit_code == 0, (result.output[-4000:], result.exception)
+    return json.loads(out.read_text())
 
 
 def _iterations(client: MlflowClient, run_id: str) -> list[int]:
     return [m.step for m in sorted(client.get_metric_history(run_id, "iteration"), key=lambda m: m.timestamp)]
 
 
-def test_refl_job_hands_prefixes_to_the_learner(tmp_path):
-    out = tmp_path / "summary.json"
-    _run(_cmd(tmp_path, "--set", "algorithm.name=refl", "--set", "algorithm.refl.late_step_max=2",
-              "--set", "train.iterations=3", "--set", "ray.metric_rollout_every=2", "--set", "train.eval.before_after=false",
-              "--json", str(out)))
-    summary = json.loads(out.read_text())
+def test_refl_job_hands_prefixes_to_the_learner(ralign_cli_inprocess, tmp_path):
+    summary = _train(ralign_cli_inprocess, tmp_path, "--set", "algorithm.name=refl", "--set", "algorithm.refl.late_step_max=2",
+                     "--set", "train.iterations=3", "--set", "ray.metric_rollout_every=2", "--set", "train.eval.before_after=false")
     ledger = summary["ledger"]
     assert ledger["balanced"] and ledger["lost"] == 0
     assert ledger["handed_over"] > 0 and ledger["metrics_only"] > 0  # prefixes to the learner, full rollouts to rewards
@@ -71,7 +71,7 @@ def test_refl_job_hands_prefixes_to_the_learner(tmp_path):
     assert "report/index.html" in {a.path for a in client.list_artifacts(summary["run_id"], "report")}
 
 
-def test_dpok_job_survives_a_killed_driver_and_resumes_the_same_run(tmp_path):
+def test_dpok_job_survives_a_killed_driver_and_resumes_the_same_run(ralign_cli_inprocess, tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     first = subprocess.Popen(_cmd(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     run_id = None
@@ -92,9 +92,7 @@ def test_dpok_job_survives_a_killed_driver_and_resumes_the_same_run(tmp_path):
     logged_before_kill = _iterations(client, run_id)
     assert logged_before_kill[:4] == [0, 1, 2, 3]  # 0: the evaluation before training
 
-    out = tmp_path / "summary.json"
-    _run(_cmd(tmp_path, "--resume", run_id, "--json", str(out)))
-    summary = json.loads(out.read_text())
+    summary = _train(ralign_cli_inprocess, tmp_path, "--resume", run_id)
     assert summary["run_id"] == run_id and summary["iterations"] == 6
     # Same run, every iteration logged once, in order: no repeated or skipped step numbers.
     assert _iterations(client, run_id) == [0, 1, 2, 3, 4, 5, 6]
@@ -127,12 +125,10 @@ def test_train_rejects_bad_configs_in_one_line(tmp_path, override, message):
     assert not (tmp_path / "mlflow.db").exists()  # nothing was started or written
 
 
-def test_two_grpo_learner_workers_share_each_update(tmp_path):
-    out = tmp_path / "summary.json"
-    _run(_cmd(tmp_path, "--set", "ray.learners=2", "--set", "ray.learner_cpus=0.5", "--set", "train.iterations=2",
-              "--set", "algorithm.name=grpo", "--set", "algorithm.grpo.group_size=2", "--set", "algorithm.grpo.skip_last_steps=1",
-              "--set", "train.eval.before_after=false", "--json", str(out)))
-    summary = json.loads(out.read_text())
+def test_two_grpo_learner_workers_share_each_update(ralign_cli_inprocess, tmp_path):
+    summary = _train(ralign_cli_inprocess, tmp_path, "--set", "ray.learners=2", "--set", "ray.learner_cpus=0.5", "--set", "train.iterations=2",
+                     "--set", "algorithm.name=grpo", "--set", "algorithm.grpo.group_size=2", "--set", "algorithm.grpo.skip_last_steps=1",
+                     "--set", "train.eval.before_after=false")
     # Each of the 2 workers trained on its own 4 samples (2 groups of 2) per iteration: 16 samples, each exactly once.
     assert summary["ledger"]["consumed"] == 2 * 2 * 4 and summary["ledger"]["balanced"]
     client = MlflowClient(summary["tracking_uri"])

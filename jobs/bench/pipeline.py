@@ -280,6 +280,7 @@ def run(config: str | Path, iterations: int, overrides: list[str] | None = None,
         uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
         import ray
 
+        embedded = ray.is_initialized()  # a caller's connection (e.g. the test suite's cluster) is left open
         with ProcessPeaks() as procs:
             summary = train(cfg, tracking_uri=uri, progress=False)
         client = MlflowClient(uri)
@@ -305,7 +306,8 @@ def run(config: str | Path, iterations: int, overrides: list[str] | None = None,
         payload = {"latents": traj.latents.numpy(), "log_probs": traj.log_probs.numpy(),
                    "images": (traj.images.permute(0, 2, 3, 1) * 255).to(torch.uint8).numpy()}
         overhead = _ray_overhead(cfg, policy.trainable_state(), payload, max(1, n // cfg.ray.request_batch))
-        ray.shutdown()
+        if not embedded:
+            ray.shutdown()
 
     iter_mean = statistics.mean(iteration_s)
     stage = in_proc["stage_s"]

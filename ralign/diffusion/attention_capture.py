@@ -11,10 +11,13 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from diffusers.models.attention_processor import Attention
+
+if TYPE_CHECKING:  # a type only: the rollout actors import this module, and diffusers costs them seconds
+    from diffusers.models.attention_processor import Attention
 
 
 class RecordingAttnProcessor:

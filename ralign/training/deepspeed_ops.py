@@ -19,8 +19,14 @@ from pathlib import Path
 
 
 def default_extensions_dir() -> str:
+    """One build directory per Python environment: torch's headers are the build's inputs, so two virtualenvs
+    sharing one directory (a checkout's and a fresh clone's) would each find the other's build stale and rebuild
+    it (~45 s) at their next first use."""
+    import hashlib
+
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return str(Path(cache) / "ralign" / "torch_extensions")
+    env_key = hashlib.sha256(str(Path(sys.prefix).resolve()).encode()).hexdigest()[:12]
+    return str(Path(cache) / "ralign" / "torch_extensions" / env_key)
 
 
 def configure_environment() -> str:
