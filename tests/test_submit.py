@@ -1,6 +1,8 @@
 """`ralign submit / status / logs / stop` and `ralign serve --address` against a real Ray head started by the test on loopback (job server on
 127.0.0.1): a training run submitted as a Ray job ships the project, joins that cluster, runs to completion and
-logs to MLflow; a long job is stopped; a bad config is refused before anything is submitted."""
+logs to MLflow; a long job is stopped; a bad config is refused before anything is submitted. The job-client verbs run
+through the console script's `main` in this process; `ralign serve`, which joins the cluster as a driver, runs in
+its own process (this one is already connected to the suite's cluster)."""
 
 from __future__ import annotations
 
@@ -69,6 +71,15 @@ def ray_head():
     shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.fixture
+def ralign_here(ralign_cli, monkeypatch):
+    """The job-client verbs (submit, status, logs, stop talk to the job server over HTTP) through the console script's
+    own `main` in this process, from the project root, with no RAY_ADDRESS: only --address names the cluster."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return ralign_cli
+
+
 def _ralign(*args: str, timeout: float = 900, auth: bool = False) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     if auth:
@@ -76,19 +87,19 @@ def _ralign(*args: str, timeout: float = 900, auth: bool = False) -> subprocess.
     return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
-def test_submitted_training_job_runs_to_completion_on_the_cluster(ray_head, tmp_path):
+def test_submitted_training_job_runs_to_completion_on_the_cluster(ray_head, ralign_here, tmp_path):
     ray_head = ray_head[0]
     db = tmp_path / "mlflow.db"
-    proc = _ralign("submit", "--address", ray_head, "--config", CONFIG, "--set", "train.iterations=2",
-                   "--set", "train.eval.before_after=false", "--set", f"ray.storage_path={tmp_path / 'ray'}",
-                   "--tracking-uri", f"sqlite:///{db}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1500:]
-    job_id = proc.stdout.strip().splitlines()[-1]
-    assert job_id.startswith("raysubmit_") and f"job {job_id}: SUCCEEDED" in proc.stderr
-    assert "MLflow run" in proc.stdout or "MLflow run" in proc.stderr  # the streamed job logs
-    status = json.loads(_ralign("status", job_id, "--address", ray_head, timeout=120).stdout)
+    proc = ralign_here("submit", "--address", ray_head, "--config", CONFIG, "--set", "train.iterations=2",
+                       "--set", "train.eval.before_after=false", "--set", f"ray.storage_path={tmp_path / 'ray'}",
+                       "--tracking-uri", f"sqlite:///{db}")
+    assert proc.code == 0, proc.out[-3000:] + proc.err[-1500:]
+    job_id = proc.out.strip().splitlines()[-1]
+    assert job_id.startswith("raysubmit_") and f"job {job_id}: SUCCEEDED" in proc.err
+    assert "MLflow run" in proc.out or "MLflow run" in proc.err  # the streamed job logs
+    status = json.loads(ralign_here("status", job_id, "--address", ray_head).out)
     assert status["status"] == "SUCCEEDED" and "jobs.train" in status["entrypoint"]
-    logs = _ralign("logs", job_id, "--address", ray_head, timeout=120).stdout
+    logs = ralign_here("logs", job_id, "--address", ray_head).out
     assert '"iterations": 2' in logs
     # the job joined the test's cluster (it did not start its own) and logged a finished run
     assert "Connecting to existing Ray cluster" in logs or "Connected to Ray cluster" in logs
@@ -96,33 +107,33 @@ def test_submitted_training_job_runs_to_completion_on_the_cluster(ray_head, tmp_
     assert runs and runs[0].info.status == "FINISHED"
 
 
-def test_a_running_job_is_stopped(ray_head, tmp_path):
+def test_a_running_job_is_stopped(ray_head, ralign_here, tmp_path):
     ray_head = ray_head[0]
-    proc = _ralign("submit", "--address", ray_head, "--config", CONFIG, "--no-follow", "--set", "train.iterations=500",
-                   "--set", f"ray.storage_path={tmp_path / 'ray'}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    job_id = proc.stdout.strip().splitlines()[-1]
+    proc = ralign_here("submit", "--address", ray_head, "--config", CONFIG, "--no-follow", "--set", "train.iterations=500",
+                       "--set", f"ray.storage_path={tmp_path / 'ray'}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert proc.code == 0, proc.err[-3000:]
+    job_id = proc.out.strip().splitlines()[-1]
     deadline = time.monotonic() + 120
-    while json.loads(_ralign("status", job_id, "--address", ray_head, timeout=60).stdout)["status"] == "PENDING":
+    while json.loads(ralign_here("status", job_id, "--address", ray_head).out)["status"] == "PENDING":
         assert time.monotonic() < deadline, "the job never started"
         time.sleep(1)
-    stop = _ralign("stop", job_id, "--address", ray_head, timeout=60)
-    assert stop.returncode == 0 and "stop requested" in stop.stdout
+    stop = ralign_here("stop", job_id, "--address", ray_head)
+    assert stop.code == 0 and "stop requested" in stop.out
     deadline = time.monotonic() + 120
-    while (state := json.loads(_ralign("status", job_id, "--address", ray_head, timeout=60).stdout)["status"]) not in ("STOPPED", "FAILED", "SUCCEEDED"):
+    while (state := json.loads(ralign_here("status", job_id, "--address", ray_head).out)["status"]) not in ("STOPPED", "FAILED", "SUCCEEDED"):
         assert time.monotonic() < deadline, "the job did not stop within 120 s"
         time.sleep(1)
     assert state == "STOPPED"
 
 
-def test_bad_config_or_unknown_job_is_one_line_and_submits_nothing(ray_head):
+def test_bad_config_or_unknown_job_is_one_line_and_submits_nothing(ray_head, ralign_here):
     ray_head = ray_head[0]
-    proc = _ralign("submit", "--address", ray_head, "--config", CONFIG, "--set", "train.lerning_rate=1", timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "unknown key 'train.lerning_rate'" in proc.stderr
-    proc = _ralign("submit", "--address", ray_head, "--config", "/etc/hostname", timeout=120)
-    assert proc.returncode == 2 and "error:" in proc.stderr
-    proc = _ralign("status", "raysubmit_doesnotexist", "--address", ray_head, timeout=60)
-    assert proc.returncode == 2 and "raysubmit_doesnotexist" in proc.stderr
+    proc = ralign_here("submit", "--address", ray_head, "--config", CONFIG, "--set", "train.lerning_rate=1")
+    assert proc.code == 2 and proc.err.strip().count("\n") == 0 and "unknown key 'train.lerning_rate'" in proc.err
+    proc = ralign_here("submit", "--address", ray_head, "--config", "/etc/hostname")
+    assert proc.code == 2 and "error:" in proc.err
+    proc = ralign_here("status", "raysubmit_doesnotexist", "--address", ray_head)
+    assert proc.code == 2 and "raysubmit_doesnotexist" in proc.err
 
 
 def test_ralign_serve_deploys_reward_servers_on_the_cluster(ray_head, tmp_path):
