@@ -69,7 +69,7 @@ class RolloutCoordinator:
         self.fingerprint = prints.pop()
         try:
             ray.get([r.ready.remote() for r in self.rewards])
-        except ray.exceptions.RayActorError as exc:
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:  # died starting, or refused
             raise RuntimeError(f"a reward actor could not start: {one_line_error(exc)}") from None
         return self.fingerprint
 

@@ -80,19 +80,31 @@ class RewardActor:
         from ralign.rewards.registry import build_reward
 
         self.device = actor_device(use_gpu)
+        self.refusal: str | None = None
         spec = dict(reward_spec)
         deployment = spec.pop("deployment", None)
         if deployment:
             # Scores come from a running reward application (Ray Serve) instead of models in this actor.
             from actors.serve import ServedReward
 
-            self.reward = ServedReward(deployment, expected_reward=spec["name"])
+            try:
+                self.reward = ServedReward(deployment, expected_reward=spec["name"])
+            except ValueError as exc:
+                # The application serves another reward. Raised from here, the error would reach the caller only
+                # once this process exited, and a process holding a Serve handle took ~90 s to: `ready` and
+                # `score` refuse instead, at once.
+                self.refusal = str(exc)
         else:
             self.reward = build_reward({**spec, "device": self.device})
 
+    def _refuse_if_misconfigured(self) -> None:
+        if self.refusal:
+            raise ValueError(self.refusal)
+
     def ready(self) -> str:
         """Answers once the reward is built: a reward that cannot start (a reward server that is down, a missing
-        checkpoint) fails here, at start-up, instead of on the first rollout."""
+        checkpoint, an application serving another reward) fails here, at start-up, instead of on the first rollout."""
+        self._refuse_if_misconfigured()
         return self.reward.name
 
     def pid(self) -> int:
@@ -104,6 +116,7 @@ class RewardActor:
 
     @torch.no_grad()
     def score(self, chains: Chains) -> Chains:
+        self._refuse_if_misconfigured()
         start = time.perf_counter()
         images = torch.from_numpy(chains.images).to(self.device).permute(0, 3, 1, 2).float() / 255.0
         inputs = {}

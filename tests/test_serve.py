@@ -170,8 +170,10 @@ def test_served_scores_equal_the_in_process_reward(served, ray_local):
     np.testing.assert_allclose(scored.scores, local.score.numpy(), rtol=1e-4, atol=1e-5)
     ray_local.kill(actor)
     wrong = RewardActor.options(num_cpus=0.25).remote({"name": "preference", "deployment": "clip-score"})
-    with pytest.raises(Exception, match="serves 'clip_score'"):
-        ray_local.get(wrong.score.remote(rollout))
+    for ref in (wrong.ready.remote(), wrong.score.remote(rollout)):  # refused at once, by a live actor
+        with pytest.raises(Exception, match="serves 'clip_score'"):
+            ray_local.get(ref, timeout=60)
+    ray_local.kill(wrong)
 
 
 def test_http_refuses_malformed_and_oversized_requests(served):
