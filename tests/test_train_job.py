@@ -77,13 +77,16 @@ def test_dpok_job_survives_a_killed_driver_and_resumes_the_same_run(ralign_cli_i
     run_id = None
     deadline = time.time() + 900
     try:
-        # Wait until the first checkpoint (iteration 2) is behind us, then kill the job mid-run.
+        # Wait until the first checkpoint (iteration 2) is behind us, then kill the job mid-run. "Behind us" means
+        # registered by Ray Train (its checkpoint manager's snapshot is written), not only written by the learner:
+        # a kill between the two leaves a checkpoint directory that a resume cannot see.
         while time.time() < deadline and first.poll() is None:
-            time.sleep(2)
+            time.sleep(1)
             runs = client.search_runs([e.experiment_id for e in client.search_experiments()]) if (tmp_path / "mlflow.db").exists() else []
             if runs:
                 run_id = runs[0].info.run_id
-                if max(_iterations(client, run_id), default=0) >= 3:
+                registered = any((tmp_path / "ray").glob("*/checkpoint_manager_snapshot.json"))
+                if registered and max(_iterations(client, run_id), default=0) >= 3:
                     break
         assert first.poll() is None, f"the first job ended early:\n{first.stdout.read()[-3000:]}"
     finally:
