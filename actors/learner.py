@@ -82,6 +82,11 @@ def train_loop_per_worker(config: dict) -> None:
     device = actor_device(cfg.ray.use_gpu)
     policy = build_policy({**cfg.policy_spec(), "device": device})
     reward = build_reward(cfg.reward.spec(device)) if algorithm_class(cfg.algorithm.name).reward_in_learner else None
+    try:
+        ray.get(config["rollout_ready"][0])  # the samplers and reward actors, loading since before this worker started
+    except Exception as exc:  # noqa: BLE001 - the driver reports the cause; retrying this worker would not fix it
+        log.error("rank %d: the rollout actors could not start (%s); ending without training", rank, type(exc).__name__)
+        return
     expected, mine = ray.get(coordinator.base_fingerprint.remote()), policy.base_fingerprint()
     if mine != expected:
         raise RuntimeError(

@@ -104,8 +104,13 @@ def _open_run(cfg: TrainConfig | None, resume: str | None, tracking_uri: str, ov
             cfg = parse_config(TrainConfig, yaml.safe_load(Path(path).read_text()), source=f"run {resume} config.yaml", overrides=overrides)
         if RAY_RUN_TAG not in run.data.tags:
             raise ConfigError(f"--resume {resume}: that run was not started by `ralign train`")
+        ray_name, storage = run.data.tags[RAY_RUN_TAG], run.data.tags[STORAGE_TAG]
+        if not _has_registered_checkpoint(Path(storage) / ray_name):
+            # Ray Train would start it from iteration 0 and log over the old run's steps.
+            raise ConfigError(f"--resume {resume}: it stopped before its first checkpoint (iteration "
+                              f"{cfg.train.checkpoint_every}; none registered under {Path(storage) / ray_name}): start a new run")
         client.update_run(resume, status="RUNNING")
-        return client, resume, cfg, run.data.tags[RAY_RUN_TAG], run.data.tags[STORAGE_TAG]
+        return client, resume, cfg, ray_name, storage
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
     run = client.create_run(exp_id, run_name=cfg.tracking.run_name or f"{cfg.algorithm.name}-{cfg.reward.name}")
@@ -125,6 +130,27 @@ def _open_run(cfg: TrainConfig | None, resume: str | None, tracking_uri: str, ov
         (Path(tmp) / "config.yaml").write_text(dump_config(cfg))
         client.log_artifact(run_id, str(Path(tmp) / "config.yaml"))
     return client, run_id, cfg, ray_name, storage
+
+
+def _has_registered_checkpoint(ray_run_dir: Path) -> bool:
+    """Whether Ray Train's checkpoint manager of this run has a checkpoint it would restore (its snapshot file is
+    written with the first registered checkpoint)."""
+    snapshot = ray_run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        return bool(json.loads(snapshot.read_text()).get("latest_checkpoint_result"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _announce_rollout_actors(coordinator, rollout_ready) -> None:
+    import ray
+
+    try:
+        ray.get(rollout_ready)
+    except Exception:  # noqa: BLE001 - the run reports it (train())
+        return
+    # Process ids, so an operator (or a fault drill) can find the rollout actors of this run on its nodes.
+    log.info("rollout actors up: %s", ray.get(coordinator.actor_pids.remote()))
 
 
 def _progress(coordinator, total: int, done: threading.Event) -> None:
@@ -226,12 +252,14 @@ def train(cfg: TrainConfig | None, resume: str | None = None, tracking_uri: str 
     log.info("MLflow run %s at %s", run_id, redact_credentials(uri))
     connected_here = _init_ray(cfg)
     coordinator = RolloutCoordinator.remote(cfg.model_dump(mode="json"))
-    ray.get(coordinator.ready.remote())
-    # Process ids, so an operator (or a fault drill) can find the rollout actors of this run on its nodes.
-    log.info("rollout actors up: %s", ray.get(coordinator.actor_pids.remote()))
+    # The rollout actors load their models while Ray Train starts its worker group (each ~15 s on a toy run); the
+    # learners wait for this reference before their first request, and the driver reports its failure.
+    rollout_ready = coordinator.ready.remote()
+    threading.Thread(target=_announce_rollout_actors, args=(coordinator, rollout_ready), daemon=True).start()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "coordinator": coordinator, "run_id": run_id, "tracking_uri": uri},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "coordinator": coordinator, "rollout_ready": [rollout_ready],
+                           "run_id": run_id, "tracking_uri": uri},
         scaling_config=ScalingConfig(num_workers=cfg.ray.learners, use_gpu=cfg.ray.use_gpu, resources_per_worker={"CPU": cfg.ray.learner_cpus}),
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         run_config=RunConfig(
@@ -247,6 +275,8 @@ def train(cfg: TrainConfig | None, resume: str | None = None, tracking_uri: str 
     status, failure = "FAILED", None
     try:
         result = trainer.fit()
+        # Learners end without training when the rollout actors could not start; that is the run's failure.
+        ray.get(rollout_ready)
         status = "FINISHED"
     except Exception as exc:  # noqa: BLE001 - re-raised below as one line, after the run is closed
         failure = exc

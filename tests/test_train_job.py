@@ -2,7 +2,7 @@
 
 Jobs run through the CLI in this process (a subprocess would spend seconds importing what the suite has imported),
 except where the process itself is under test: the resume test kills a first job's whole process group after its
-first checkpoint and continues the same MLflow run with `--resume`, and the refusals check the real exit code.
+first checkpoint and continues the same MLflow run with `--resume`.
 """
 
 from __future__ import annotations
@@ -121,11 +121,26 @@ def test_dpok_job_survives_a_killed_driver_and_resumes_the_same_run(ralign_cli_i
     ("train.micro_batch=3", "must be a multiple of train.micro_batch=3"),
     ("train.lr=-1", "'train.lr'"),
 ])
-def test_train_rejects_bad_configs_in_one_line(tmp_path, override, message):
-    proc = subprocess.run(_cmd(tmp_path, "--set", override), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
+def test_train_rejects_bad_configs_in_one_line(ralign_cli, tmp_path, override, message):
+    outcome = ralign_cli(*_cmd(tmp_path, "--set", override)[3:])  # the console script's main: its exit code
+    assert outcome.code == 2
+    assert outcome.err.strip().count("\n") == 0 and message in outcome.err, outcome.err
     assert not (tmp_path / "mlflow.db").exists()  # nothing was started or written
+
+
+def test_resuming_a_run_that_never_checkpointed_is_refused(ralign_cli, tmp_path):
+    from jobs.train import _open_run
+    from ralign.config import load_config
+    from ralign.training.config import TrainConfig
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(TrainConfig, str(CONFIG), [f"ray.storage_path={tmp_path / 'ray'}"])
+    client, run_id, *_ = _open_run(cfg, None, uri)
+    client.set_terminated(run_id, status="FAILED")  # it died before iteration 2, its first checkpoint
+    outcome = ralign_cli("train", "--resume", run_id, "--tracking-uri", uri)
+    assert outcome.code == 2 and outcome.err.strip().count("\n") == 0, outcome.err
+    assert f"--resume {run_id}: it stopped before its first checkpoint (iteration 2" in outcome.err, outcome.err
+    assert client.get_run(run_id).info.status == "FAILED"  # left as it was, not reopened
 
 
 def test_two_grpo_learner_workers_share_each_update(ralign_cli_inprocess, tmp_path):
