@@ -86,13 +86,16 @@ def world_pretrain(
     unet_init: Annotated[Optional[str], typer.Option(help="Start the UNet from this diffusers UNet dir instead of a random init.")] = None,
     continue_unet: Annotated[int, typer.Option(min=0, help="With t2i: train the UNet of OUT/base for this many more steps, keeping its text encoder and VAE.")] = 0,
     unet_lr: Annotated[Optional[float], typer.Option(help="UNet learning rate (default: the pretraining config's).")] = None,
+    continue_reward_clip: Annotated[int, typer.Option(min=0, help="With reward_clip: train the reward CLIP of OUT/reward_clip for this many more steps (near misses, generated look).")] = 0,
+    reward_clip_lr: Annotated[Optional[float], typer.Option(help="Reward CLIP learning rate (default 5e-4).")] = None,
 ) -> None:
     """Train the toy models from scratch on renders of the toy world (the committed ones were made by this)."""
     _setup_logging()
     from ralign.pretrain.run import pretrain_all
 
     results = pretrain_all(out, [p.strip() for p in only.split(",") if p.strip()], scale=scale, seed=seed, unet_init=unet_init,
-                           continue_unet_steps=continue_unet, unet_lr=unet_lr)
+                           continue_unet_steps=continue_unet, unet_lr=unet_lr,
+                           continue_reward_clip_steps=continue_reward_clip, reward_clip_lr=reward_clip_lr)
     typer.echo(json.dumps(results, indent=2))
 
 

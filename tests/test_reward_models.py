@@ -122,9 +122,16 @@ def test_reward_clip_pretraining_writes_a_loadable_model_and_card(tmp_path):
 
     # Beside a pipeline's VAE, as `ralign world pretrain` lays the models out, so the generated look uses it.
     shutil.copytree(TOY_DIR / "base" / "vae", tmp_path / "base" / "vae")
-    metrics = train_reward_clip(tmp_path / "reward_clip", steps=2, batch=8)
+    metrics = train_reward_clip(tmp_path / "reward_clip", steps=2, batch=8, eval_prompts=8)
     model, tok = rc.load_reward_clip(tmp_path / "reward_clip")
     assert metrics["steps"] == 2 and set(metrics["near_miss_accuracy"]) == set(metrics["retrieval_top1"])
     card = (tmp_path / "reward_clip" / "MODEL_CARD.md").read_text()
     assert "near-miss accuracy" in card and "round trip through the base VAE" in card
     assert torch.isfinite(rc.encode_texts(model, tok, PROMPTS[:2])).all()
+    # continued training starts from those weights and keeps the earlier card's account
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    metrics = train_reward_clip(tmp_path / "reward_clip", continue_steps=1, batch=8, lr=1e-4, eval_prompts=8)
+    assert metrics["continued"] and metrics["steps"] == 1
+    after, _ = rc.load_reward_clip(tmp_path / "reward_clip")
+    assert any(not torch.equal(before[k], v) for k, v in after.state_dict().items())
+    assert "its card said:" in (tmp_path / "reward_clip" / "MODEL_CARD.md").read_text() and "near-miss accuracy" in card

@@ -19,7 +19,7 @@ from ralign.models import reward_clip as rc
 from ralign.models import segmenter as seg
 from ralign.pretrain.common import Progress, cosine_lr, machine_description, parameter_count
 from ralign.world.data import images_to_tensor, sample_stream
-from ralign.world.prompts import FAMILIES, PromptSample, generate
+from ralign.world.prompts import FAMILIES, RELATIONS, PromptSample, generate
 from ralign.world.scene import COLORS, GRID, SHAPES, Scene, SceneObject, object_mask, random_jitter, render
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,8 @@ NEAR_MISSES: dict[str, tuple[str, ...]] = {
     "single": ("recolour", "reshape", "remove"),
     "binding": ("swap_colours", "recolour", "reshape", "remove"),
     "counting": ("remove", "add_one", "recolour", "reshape"),
-    "spatial": ("swap_places", "recolour", "reshape", "remove"),
-    "size": ("swap_sizes", "recolour", "reshape", "remove"),
+    "spatial": ("swap_places", "misplace", "recolour", "reshape", "remove"),
+    "size": ("swap_sizes", "resize", "recolour", "reshape", "remove"),
     "long": ("recolour", "reshape", "remove"),
 }
 
@@ -98,6 +98,20 @@ def near_miss_scene(sample: PromptSample, kind: str, rng: np.random.Generator) -
             return near_miss_scene(sample, "remove", rng)
         objs.append(SceneObject(o.color, o.shape, o.size, *cell))
         jitter.extend(random_jitter(rng, 1))
+    elif kind == "resize":  # both objects the same size
+        objs[i] = SceneObject(o.color, o.shape, "small" if o.size == "large" else "large", o.row, o.col)
+    elif kind == "misplace":  # both objects moved to cells where the prompt's relation does not hold
+        relation = next(r for r in RELATIONS if f" {r} " in sample.prompt)
+        axis = 1 if relation in ("to the left of", "to the right of") else 0
+        first_smaller = relation in ("to the left of", "above")
+        while True:
+            cells = rng.choice(GRID * GRID, size=2, replace=False)
+            (r1, k1), (r2, k2) = [(int(c) // GRID, int(c) % GRID) for c in cells]
+            a, b = (r1, k1)[axis], (r2, k2)[axis]
+            if a == b or (a < b) != first_smaller:
+                break
+        objs[0] = SceneObject(objs[0].color, objs[0].shape, objs[0].size, r1, k1)
+        objs[1] = SceneObject(objs[1].color, objs[1].shape, objs[1].size, r2, k2)
     elif kind in ("swap_colours", "swap_places", "swap_sizes"):
         a, b = objs[0], objs[1]
         if kind == "swap_colours":
@@ -178,16 +192,26 @@ def near_miss_accuracy(model, tokenizer, look: GeneratedLook, n: int = 64, seed:
 
 
 def train_reward_clip(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 2000, batch: int = 64, lr: float = 5e-4,
-                      near_misses_per_image: int = 2) -> dict:
+                      near_misses_per_image: int = 2, continue_steps: int = 0, eval_prompts: int = 64) -> dict:
     """Contrastive training on renders with the generated look, each text also ranked against near misses of its
-    scene (`near_misses_per_image` per image). The VAE is the base pipeline's when one is beside `out_dir`."""
+    scene (`near_misses_per_image` per image). The VAE is the base pipeline's when one is beside `out_dir`.
+    `continue_steps > 0` instead trains the reward CLIP already in `out_dir` for that many more steps (warm-up 10 %,
+    `lr` as given), and its card keeps the earlier training's description."""
+    out = Path(out_dir)
+    earlier = None
+    if continue_steps > 0:
+        model, tokenizer = rc.load_reward_clip(out)
+        card = (out / "MODEL_CARD.md").read_text(encoding="utf-8") if (out / "MODEL_CARD.md").is_file() else ""
+        earlier = card.split("\n", 2)[-1].strip() if card else "(no card was found)"
+        steps = continue_steps
+    else:
+        model, tokenizer = rc.build_reward_clip()
+        steps = _steps(steps, scale)
     torch.manual_seed(seed)
     rng, gen = np.random.default_rng(seed + 12), torch.Generator().manual_seed(seed + 13)
-    steps = _steps(steps, scale)
-    look = GeneratedLook(Path(out_dir).parent / "base" / "vae")
-    model, tokenizer = rc.build_reward_clip()
+    look = GeneratedLook(out.parent / "base" / "vae")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    sched = cosine_lr(opt, steps)
+    sched = cosine_lr(opt, steps, warmup=min(100, max(1, steps // 10)))
     stream = sample_stream(batch, seed=seed + 11)
     progress = Progress("reward-clip", steps, max(1, min(100, steps)))
     model.train()
@@ -204,14 +228,18 @@ def train_reward_clip(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 2
         opt.zero_grad(set_to_none=True)
         progress.step(i, loss.item())
     model.eval()
-    out = Path(out_dir)
     rc.save_reward_clip(model, tokenizer, out)
-    retrieval = _retrieval(model, tokenizer)
-    near_acc = near_miss_accuracy(model, tokenizer, look)
+    retrieval = _retrieval(model, tokenizer, n=eval_prompts)
+    near_acc = near_miss_accuracy(model, tokenizer, look, n=eval_prompts)
     metrics = {"steps": steps, "batch": batch, "near_misses_per_image": near_misses_per_image, "wall_s": round(progress.wall_s, 1),
-               "params": parameter_count(model), "retrieval_top1": retrieval, "near_miss_accuracy": near_acc}
+               "params": parameter_count(model), "retrieval_top1": retrieval, "near_miss_accuracy": near_acc,
+               "continued": earlier is not None}
     table = "\n".join(f"| {f} | {retrieval[f]:.3f} | {near_acc[f]:.3f} |" for f in FAMILIES)
     kinds = "; ".join(f"{f}: {', '.join(k)}" for f, k in NEAR_MISSES.items())
+    continued = ""
+    if earlier is not None:
+        quoted = "\n".join(f"  > {line}" if line else "  >" for line in earlier.splitlines())
+        continued = f"\n  These steps continued the model that was here (`--continue-reward-clip`); its card said:\n{quoted}"
     _write_card(out, "Toy reward CLIP (open_clip `CLIP`, custom config)", f"""
 Scores text-image agreement (CLIP score) as a reward; LongAlign decomposes its text embedding.
 - Data: renders of generated prompts of every family and colour-shape combination (split `all`), fresh each step,
@@ -220,9 +248,9 @@ Scores text-image agreement (CLIP score) as a reward; LongAlign decomposes its t
   mistake its family's prompts can express ({kinds}). Each text ranks its own image above the batch's other images
   and all near misses.
 - Training: contrastive, {steps} steps, batch {batch} (duplicate prompts removed), AdamW lr {lr}, cosine;
-  wall time {metrics['wall_s']} s. Parameters: {metrics['params']:,}. Context: {rc.REWARD_CONTEXT} tokens.
-- Quality on 64 held-out `test` prompts per family: image->text top-1 retrieval among them on clean renders (chance
-  0.016), and near-miss accuracy (own image scored above a near miss, both with the generated look; chance 0.5):
+  wall time {metrics['wall_s']} s. Parameters: {metrics['params']:,}. Context: {rc.REWARD_CONTEXT} tokens.{continued}
+- Quality on {eval_prompts} held-out `test` prompts per family: image->text top-1 retrieval among them on clean renders
+  (chance {1 / eval_prompts:.3f}), and near-miss accuracy (own image scored above a near miss, both with the generated look; chance 0.5):
 
 | family | top-1 | near-miss accuracy |
 | --- | --- | --- |

@@ -99,6 +99,8 @@ def pretrain_all(
     unet_init: str | None = None,
     continue_unet_steps: int = 0,
     unet_lr: float | None = None,
+    continue_reward_clip_steps: int = 0,
+    reward_clip_lr: float | None = None,
 ) -> dict:
     """Train the requested parts into `out`. `continue_unet_steps > 0` (with part t2i) instead trains the UNet of the
     pipeline already in `out/base` for that many more steps, keeping its text encoder and VAE."""
@@ -136,7 +138,12 @@ def pretrain_all(
         from ralign.pretrain import rewards
 
         trainer = getattr(rewards, f"train_{part}")
-        results[part] = trainer(out / part, seed=seed, scale=scale)
+        extra: dict = {}
+        if part == "reward_clip" and continue_reward_clip_steps > 0:
+            extra["continue_steps"] = continue_reward_clip_steps
+        if part == "reward_clip" and reward_clip_lr is not None:
+            extra["lr"] = reward_clip_lr
+        results[part] = trainer(out / part, seed=seed, scale=scale, **extra)
     for name in ("base", "text_clip", *[p for p in parts if p != "t2i"]):
         if (out / name).exists():
             results.setdefault("sizes_mb", {})[name] = dir_size_mb(out / name)
