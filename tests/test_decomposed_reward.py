@@ -40,7 +40,10 @@ def test_long_prompts_are_scored_by_their_sentences_and_gradients_reach_the_imag
     reward = build_reward({"name": "decomposed_preference", "w": 0.3})
     prompts = [s.prompt for s in LONG]
     t = reward.text_embeddings(prompts)
-    assert t.shape[0] == len(prompts) and torch.allclose(t.norm(dim=-1), torch.ones(len(prompts)), atol=1e-5)
+    # LongAlign's mean of normalised sentence embeddings, not renormalised: shorter than 1 when sentences differ
+    assert t.shape[0] == len(prompts) and (t.norm(dim=-1) < 1 - 1e-3).all()
+    renormalised = build_reward({"name": "decomposed_preference", "renormalise_segments": True}).text_embeddings(prompts)
+    assert torch.allclose(renormalised, t / t.norm(dim=-1, keepdim=True), atol=1e-5)
     # Not the single truncated pass the plain score makes (the preference model's context is 32 tokens).
     from ralign.models.reward_clip import encode_texts
 
@@ -63,7 +66,7 @@ def _gather_worker(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     rows = torch.full((rank + 1, 3), float(rank))  # rank 0: one row of 0s; rank 1: two rows of 1s
-    queue.put((rank, global_mean(rows).tolist()))
+    queue.put((rank, (global_mean(rows, "rows").tolist(), global_mean(rows, "process_means").tolist())))
     dist.destroy_process_group()
 
 
@@ -83,5 +86,7 @@ def test_text_direction_is_averaged_over_every_learner_worker():
     results = dict(queue.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=60)
-    expected = [2 / 3] * 3  # (0 + 1 + 1) / 3 rows, the same on both ranks
-    assert results[0] == results[1] and all(abs(a - b) < 1e-6 for a, b in zip(results[0], expected))
+    assert results[0] == results[1]  # the same on both ranks
+    by_rows, by_process = results[0]
+    assert all(abs(a - 2 / 3) < 1e-6 for a in by_rows)  # (0 + 1 + 1) / 3 rows
+    assert all(abs(a - 0.5) < 1e-6 for a in by_process)  # (0 + 1) / 2 process means, as LongAlign gathers
