@@ -31,7 +31,7 @@ def resize_masks(masks: torch.Tensor, side: int) -> torch.Tensor:
     if masks.shape[-1] == side:
         return (masks > 0).float()
     small = F.interpolate(masks[:, None].float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-    return (small[:, 0] > 1e-3).float()
+    return (small[:, 0] > 0).float()
 
 
 def token_loss(attn: torch.Tensor, masks: torch.Tensor, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
