@@ -1,4 +1,5 @@
-"""The `ralign` command line, run as a user runs it (a subprocess), on tiny settings."""
+"""The `ralign` command line on tiny settings: the installed entry point once as a subprocess, the verbs through the
+console script's own `main` in this process (a subprocess each would spend seconds importing torch)."""
 
 from __future__ import annotations
 
@@ -33,26 +34,26 @@ def test_help_on_every_verb():
         assert result.exit_code == 0 and "Usage" in result.output, (verb, result.output[-500:])
 
 
-def test_render_writes_images_and_index(tmp_path):
-    ralign("world", "render", "--family", "binding", "--n", "3", "--out", str(tmp_path))
+def test_render_writes_images_and_index(ralign_cli, tmp_path):
+    assert ralign_cli("world", "render", "--family", "binding", "--n", "3", "--out", str(tmp_path)).code == 0
     rows = [json.loads(line) for line in (tmp_path / "prompts.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all((tmp_path / r["image"]).is_file() for r in rows)
     assert all(" and " in r["prompt"] for r in rows)
 
 
-def test_bad_arguments_are_one_line_errors(tmp_path):
-    proc = ralign("world", "render", "--family", "nonsense", "--out", str(tmp_path), check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error: unknown prompt family 'nonsense'")
-    assert len(proc.stderr.strip().splitlines()) == 1
-    proc = ralign("eval", "--pipeline", str(tmp_path / "nowhere"), check=False)
-    assert proc.returncode == 2 and "no such directory" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_bad_arguments_are_one_line_errors(ralign_cli, tmp_path):
+    outcome = ralign_cli("world", "render", "--family", "nonsense", "--out", str(tmp_path))
+    assert outcome.code == 2
+    assert outcome.err.strip().startswith("error: unknown prompt family 'nonsense'")
+    assert len(outcome.err.strip().splitlines()) == 1
+    outcome = ralign_cli("eval", "--pipeline", str(tmp_path / "nowhere"))
+    assert outcome.code == 2 and "no such directory" in outcome.err
+    assert "Traceback" not in outcome.err
 
 
-def test_oracle_check_json_shape(tmp_path):
+def test_oracle_check_json_shape(ralign_cli, tmp_path):
     out = tmp_path / "oracle.json"
-    ralign("world", "oracle-check", "--n", "5", "--json", str(out))
+    assert ralign_cli("world", "oracle-check", "--n", "5", "--json", str(out)).code == 0
     report = json.loads(out.read_text())
     assert set(report["families"]) == {"single", "binding", "counting", "spatial", "size", "long"}
     for metrics in report["families"].values():
@@ -60,9 +61,10 @@ def test_oracle_check_json_shape(tmp_path):
         assert metrics["all_correct"] == 1.0
 
 
-def test_eval_tiny_run_writes_metrics_and_grids(tmp_path):
+def test_eval_tiny_run_writes_metrics_and_grids(ralign_cli, tmp_path):
     out = tmp_path / "eval.json"
-    ralign("eval", "--pipeline", "base", "--n", "2", "--steps", "2", "--families", "single,spatial", "--json", str(out))
+    outcome = ralign_cli("eval", "--pipeline", "base", "--n", "2", "--steps", "2", "--families", "single,spatial", "--json", str(out))
+    assert outcome.code == 0, outcome.err[-3000:]
     report = json.loads(out.read_text())
     assert set(report["families"]) == {"single", "spatial"}
     assert report["families"]["single"]["spatial_acc"] is None
