@@ -8,7 +8,9 @@ called here against a sqlite store in tmp_path instead of a whole training run.
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -46,8 +48,12 @@ def test_a_run_records_no_environment_secret(tmp_path, monkeypatch, caplog, capf
     caplog.set_level(logging.DEBUG)
     cfg = load_config(TrainConfig, REPO / "jobs/configs/quickstart.yaml", [f"ray.storage_path={tmp_path / 'ray'}"])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client, run_id, _, _, _ = _open_run(cfg, None, uri)
-    # Resuming reads the logged config back and may add to the run: still nothing from the environment.
+    client, run_id, _, ray_name, storage = _open_run(cfg, None, uri)
+    # Resuming reads the logged config back and may add to the run: still nothing from the environment. (A run is
+    # resumable once Ray Train has registered a checkpoint; its snapshot file says so.)
+    (Path(storage) / ray_name).mkdir(parents=True)
+    (Path(storage) / ray_name / "checkpoint_manager_snapshot.json").write_text(
+        json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_0", "metrics": {"iteration": 2}}}))
     _, resumed, again, _, _ = _open_run(None, run_id, uri, ["train.iterations=3"])
     assert resumed == run_id and again.train.iterations == 3
     recorded = _everything_recorded(client, run_id, tmp_path)
