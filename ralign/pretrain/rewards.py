@@ -144,7 +144,7 @@ class GeneratedLook:
         if vae_dir is not None and (Path(vae_dir) / "config.json").is_file():
             from diffusers import AutoencoderKL
 
-            self.vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).eval().requires_grad_(False)
+            self.vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True, use_safetensors=True).eval().requires_grad_(False)
         self.blur_sigma_max, self.colour_shift = blur_sigma_max, colour_shift
 
     def describe(self) -> str:
