@@ -322,7 +322,7 @@ def test_deeply_nested_json_is_refused_without_recursion(served):
 
 def test_stalled_clients_release_their_slots(served, apps):
     """As many clients as the replica's max_ongoing_requests declare a longer body than they send: each is closed
-    with 408 at the body deadline, and a valid request meanwhile is answered within that deadline plus a margin."""
+    with 408 at the body deadline, and a valid request meanwhile is answered before its client gives up."""
     cfg, _ = apps
     _, url = served
     host, port = "127.0.0.1", cfg.http.port
@@ -334,10 +334,9 @@ def test_stalled_clients_release_their_slots(served, apps):
         s.sendall(f"POST /clip-score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                   f"Content-Length: {len(valid) + 100}\r\n\r\n".encode() + valid)
         stalled.append(s)
-    start = time.monotonic()
-    status, _ = _post(url, valid, timeout=60)
-    elapsed = time.monotonic() - start
-    assert status == 200 and elapsed < cfg.http.body_timeout_s + 15, f"answered after {elapsed:.1f} s"
+    # The client's own timeout bounds a hang (slots never released); it is not a speed claim.
+    status, _ = _post(url, valid, timeout=cfg.http.body_timeout_s + 15)
+    assert status == 200
     for s in stalled:
         reply = s.recv(4096).decode(errors="replace")
         assert reply.startswith("HTTP/1.1 408"), reply[:200]
