@@ -19,7 +19,7 @@ from ralign.models import reward_clip as rc
 from ralign.models import segmenter as seg
 from ralign.pretrain.common import Progress, cosine_lr, machine_description, parameter_count
 from ralign.world.data import images_to_tensor, sample_stream
-from ralign.world.prompts import FAMILIES, RELATIONS, PromptSample, generate
+from ralign.world.prompts import FAMILIES, RELATIONS, PromptSample, generate, relation_holds
 from ralign.world.scene import COLORS, GRID, SHAPES, Scene, SceneObject, object_mask, random_jitter, render
 
 log = logging.getLogger(__name__)
@@ -102,13 +102,10 @@ def near_miss_scene(sample: PromptSample, kind: str, rng: np.random.Generator) -
         objs[i] = SceneObject(o.color, o.shape, "small" if o.size == "large" else "large", o.row, o.col)
     elif kind == "misplace":  # both objects moved to cells where the prompt's relation does not hold
         relation = next(r for r in RELATIONS if f" {r} " in sample.prompt)
-        axis = 1 if relation in ("to the left of", "to the right of") else 0
-        first_smaller = relation in ("to the left of", "above")
         while True:
             cells = rng.choice(GRID * GRID, size=2, replace=False)
             (r1, k1), (r2, k2) = [(int(c) // GRID, int(c) % GRID) for c in cells]
-            a, b = (r1, k1)[axis], (r2, k2)[axis]
-            if a == b or (a < b) != first_smaller:
+            if not relation_holds(relation, (r1, k1), (r2, k2)):
                 break
         objs[0] = SceneObject(objs[0].color, objs[0].shape, objs[0].size, r1, k1)
         objs[1] = SceneObject(objs[1].color, objs[1].shape, objs[1].size, r2, k2)

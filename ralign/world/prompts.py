@@ -163,15 +163,19 @@ def _counting(d: _Draw) -> tuple[str, list[SceneObject]]:
     return f"{NUMBER_WORDS[n]} {color} {PLURALS[shape]}", objs
 
 
+def relation_holds(relation: str, first: tuple[int, int], second: tuple[int, int]) -> bool:
+    """Whether the object in cell `first` (row, col) stands in `relation` to the one in cell `second`."""
+    axis = 1 if relation in ("to the left of", "to the right of") else 0
+    a, b = first[axis], second[axis]
+    return a != b and (a < b) == (relation in ("to the left of", "above"))
+
+
 def _spatial(d: _Draw) -> tuple[str, list[SceneObject]]:
     (c1, s1), (c2, s2) = d.combos(2, distinct_colors=True)
     relation = d.pick(RELATIONS)
-    axis = 1 if relation in ("to the left of", "to the right of") else 0
-    first_smaller = relation in ("to the left of", "above")
     while True:
         (r1, k1), (r2, k2) = d.cells(2)
-        a, b = ((r1, k1)[axis], (r2, k2)[axis])
-        if a != b and (a < b) == first_smaller:
+        if relation_holds(relation, (r1, k1), (r2, k2)):
             break
     objs = [SceneObject(c1, s1, d.size(), r1, k1), SceneObject(c2, s2, d.size(), r2, k2)]
     return f"{_a(c1)} {c1} {s1} {relation} {_a(c2)} {c2} {s2}", objs
