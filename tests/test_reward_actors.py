@@ -57,6 +57,8 @@ def test_comat_terms_score_in_a_reward_actor_from_what_the_sampler_ships(ray_loc
 
     actor = RewardActor.options(num_cpus=0.5).remote(COMAT)
     local = build_reward(COMAT)
+    # before the hand-over (below), the actor scores with its own initial discriminator
+    stale = ray_local.get(actor.score.remote(rollout))
     # The learner's discriminator has moved on from its initialisation; the actor scores with its current weights.
     latents = torch.from_numpy(rollout.latents[:, -1])
     for _ in range(3):
@@ -78,9 +80,7 @@ def test_comat_terms_score_in_a_reward_actor_from_what_the_sampler_ships(ray_loc
     assert np.all(scored.components["grounded_attention/token_loss"] > 0)
     assert scored.attention is None  # not carried back once scored
 
-    # before the hand-over the actor's discriminator differs: the scores show it used the learner's weights
-    fresh = RewardActor.options(num_cpus=0.5).remote(COMAT)
-    stale = ray_local.get(fresh.score.remote(rollout))
+    # before the hand-over the actor's discriminator differed: the scores show it used the learner's weights
     assert not np.allclose(stale.components["fidelity/adv_g_loss"], scored.components["fidelity/adv_g_loss"])
     with pytest.raises(Exception, match="do not match"):
         ray_local.get(actor.set_shared_weights.remote({"0.bogus": torch.zeros(1)}))
@@ -88,5 +88,5 @@ def test_comat_terms_score_in_a_reward_actor_from_what_the_sampler_ships(ray_loc
     plain = ray_local.get(sampler.rollout.remote(RolloutRequest(ids=[2], prompts=prompts[:1], seeds=[7], metrics_only=True)))
     partial = ray_local.get(actor.score.remote(plain))
     assert partial.components["skipped_terms"].tolist() == [1.0]
-    for a in (sampler, actor, fresh):
+    for a in (sampler, actor):
         ray_local.kill(a)

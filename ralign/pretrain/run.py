@@ -14,7 +14,10 @@ from ralign.pretrain.t2i import T2IPretrainConfig, continue_unet, pretrain_t2i
 
 log = logging.getLogger(__name__)
 
-PARTS = ("t2i", "reward_clip", "preference", "captioner", "segmenter")
+PARTS = ("t2i", "reward_clip", "preference", "captioner", "segmenter", "detector")
+# The reward models' trainers, by part: module and function (imported when the part is trained).
+_REWARD_TRAINERS = {part: ("ralign.pretrain.rewards", f"train_{part}") for part in ("reward_clip", "preference", "captioner", "segmenter")}
+_REWARD_TRAINERS["detector"] = ("ralign.pretrain.detector", "train_detector")
 
 
 def dir_size_mb(path: Path) -> float:
@@ -101,9 +104,11 @@ def pretrain_all(
     unet_lr: float | None = None,
     continue_reward_clip_steps: int = 0,
     reward_clip_lr: float | None = None,
+    t2i_overrides: dict | None = None,
 ) -> dict:
     """Train the requested parts into `out`. `continue_unet_steps > 0` (with part t2i) instead trains the UNet of the
-    pipeline already in `out/base` for that many more steps, keeping its text encoder and VAE."""
+    pipeline already in `out/base` for that many more steps, keeping its text encoder and VAE. `t2i_overrides`:
+    fields of `T2IPretrainConfig` to change (e.g. smaller batches for a smoke run), applied after `scale`."""
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"unknown pretraining part(s) {unknown}; expected some of {list(PARTS)}")
@@ -111,7 +116,7 @@ def pretrain_all(
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     if "t2i" in parts and continue_unet_steps > 0:
-        cfg = T2IPretrainConfig(seed=seed, unet_steps=continue_unet_steps)
+        cfg = replace(T2IPretrainConfig(seed=seed, unet_steps=continue_unet_steps), **(t2i_overrides or {}))
         if unet_lr is not None:
             cfg = replace(cfg, unet_lr=unet_lr)
         staging = out / ".t2i_staging"
@@ -125,6 +130,7 @@ def pretrain_all(
             clip_steps=max(1, int(base.clip_steps * scale)),
             vae_steps=max(1, int(base.vae_steps * scale)),
             unet_steps=max(1, int(base.unet_steps * scale)),
+            **(t2i_overrides or {}),
         )
         # A staging directory left by a failed run is resumed: stages finished with the same config are reused.
         staging = out / ".t2i_staging"
@@ -135,9 +141,10 @@ def pretrain_all(
     for part in parts:
         if part == "t2i":
             continue
-        from ralign.pretrain import rewards
+        import importlib
 
-        trainer = getattr(rewards, f"train_{part}")
+        module, function = _REWARD_TRAINERS[part]
+        trainer = getattr(importlib.import_module(module), function)
         extra: dict = {}
         if part == "reward_clip" and continue_reward_clip_steps > 0:
             extra["continue_steps"] = continue_reward_clip_steps
