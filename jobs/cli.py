@@ -80,7 +80,7 @@ def world_oracle_check(
 @world_app.command("pretrain")
 def world_pretrain(
     out: Annotated[Path, typer.Option(help="Where the toy models go.")] = TOY_MODELS_DIR,
-    only: Annotated[str, typer.Option(help="Comma list of: t2i, reward_clip, preference, captioner, segmenter.")] = "t2i,reward_clip,preference,captioner,segmenter",
+    only: Annotated[str, typer.Option(help="Comma list of: t2i, reward_clip, preference, captioner, segmenter, detector.")] = "t2i,reward_clip,preference,captioner,segmenter,detector",
     scale: Annotated[float, typer.Option(min=0.001, help="Multiply every step count (e.g. 0.01 for a smoke run).")] = 1.0,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
     unet_init: Annotated[Optional[str], typer.Option(help="Start the UNet from this diffusers UNet dir instead of a random init.")] = None,

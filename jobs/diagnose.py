@@ -6,7 +6,9 @@ scored by the reward and judged by the oracle. Per family (each with a 95 % inte
 - `reward_best_of_n`: the all-correct rate of the image the reward ranks first (what RL can at best distil);
 - `oracle_best_of_n`: the rate at which any of the N is correct (the ceiling of best-of-N);
 - `pairwise_accuracy`: how often the reward ranks a correct image above an incorrect one of the same prompt (0.5 is
-  chance; prompts whose images are all correct or all wrong have no pairs and are left out).
+  chance; prompts whose images are all correct or all wrong have no pairs and are left out);
+- `verdict_agreement` (rewards with a verdict of their own, an `all_correct` component, as GenEval-style ones have):
+  how often that verdict equals the oracle's, per image (interval over prompts).
 The oracle only measures here; the reward never sees it.
 """
 
@@ -26,8 +28,9 @@ from ralign.config import UserError
 log = logging.getLogger(__name__)
 
 
-def family_summary(rewards: np.ndarray, correct: np.ndarray) -> dict:
-    """rewards, correct: (prompts, N). The four rates above with their intervals."""
+def family_summary(rewards: np.ndarray, correct: np.ndarray, verdicts: np.ndarray | None = None) -> dict:
+    """rewards, correct (and the reward's own verdicts, if it has them): (prompts, N). The rates above with their
+    intervals."""
     from ralign.world.stats import pairwise_accuracy, rate_with_interval
 
     picked = correct[np.arange(len(rewards)), rewards.argmax(axis=1)]
@@ -41,6 +44,8 @@ def family_summary(rewards: np.ndarray, correct: np.ndarray) -> dict:
         "pairwise_accuracy": rate_with_interval(defined) if defined else {"rate": None, "ci": None, "n": 0},
     }
     out["pairwise_accuracy"]["pairs"] = int(sum(n for _, n in pairs))
+    if verdicts is not None:
+        out["verdict_agreement"] = rate_with_interval((verdicts.astype(bool) == correct).mean(axis=1))
     return out
 
 
@@ -64,13 +69,15 @@ def _reward_of(reward_name: str, options: dict, deployment: str | None, device: 
 
 
 def sample_and_judge(policy, reward, prompts: Sequence[str], n_samples: int, seed: int, batch: int = 64
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """(rewards, correct), each (len(prompts), n_samples): the training sampler's images of every prompt."""
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(rewards, correct, verdicts), each (len(prompts), n_samples): the training sampler's images of every prompt;
+    `verdicts` is the reward's own `all_correct` component, None when it has none."""
     from ralign.diffusion.seeding import sample_seed
     from ralign.world import oracle
 
     flat = [(i, p) for i, p in enumerate(prompts) for _ in range(n_samples)]
     rewards, correct = np.zeros(len(flat)), np.zeros(len(flat), dtype=bool)
+    verdicts: np.ndarray | None = None
     for lo in range(0, len(flat), batch):
         chunk = flat[lo: lo + batch]
         chunk_prompts = [p for _, p in chunk]
@@ -80,12 +87,16 @@ def sample_and_judge(policy, reward, prompts: Sequence[str], n_samples: int, see
             out = reward(traj.images, chunk_prompts)
         images = (traj.images.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         rewards[lo: lo + len(chunk)] = out.score.float().cpu().numpy()
+        if "all_correct" in out.components:
+            verdicts = np.zeros(len(flat)) if verdicts is None else verdicts
+            verdicts[lo: lo + len(chunk)] = out.components["all_correct"].float().cpu().numpy()
         correct[lo: lo + len(chunk)] = [oracle.judge(p, im).all_correct for p, im in zip(chunk_prompts, images)]
     bad = ~np.isfinite(rewards)
     if bad.any():
         raise UserError(f"the reward returned {int(bad.sum())} non-finite score(s) of {len(rewards)}; a reward that "
                         "does that cannot rank images")
-    return rewards.reshape(len(prompts), n_samples), correct.reshape(len(prompts), n_samples)
+    shape = (len(prompts), n_samples)
+    return rewards.reshape(shape), correct.reshape(shape), None if verdicts is None else verdicts.reshape(shape)
 
 
 def diagnose_reward(*, reward_name: str, options: dict | None = None, deployment: str | None = None,
@@ -117,8 +128,8 @@ def diagnose_reward(*, reward_name: str, options: dict | None = None, deployment
               "sampler": {k: getattr(policy.cfg, k) for k in ("steps", "eta", "guidance")}, "families": {}}
     for fam, fam_samples in by_family.items():
         t0 = time.time()
-        rewards, correct = sample_and_judge(policy, reward, [s.prompt for s in fam_samples], samples, seed)
-        result["families"][fam] = family_summary(rewards, correct)
+        rewards, correct, verdicts = sample_and_judge(policy, reward, [s.prompt for s in fam_samples], samples, seed)
+        result["families"][fam] = family_summary(rewards, correct, verdicts)
         log.info("diagnose %s: %s done in %.0fs", reward_name, fam, time.time() - t0)
     result["wall_s"] = round(time.time() - start, 1)
     return result
@@ -145,13 +156,16 @@ def markdown_table(result: dict) -> str:
             return "–"
         return f"{m['rate']:.2f} [{m['ci'][0]:.2f}, {m['ci'][1]:.2f}]"
 
+    verdict = all("verdict_agreement" in m for m in result["families"].values())
+
     lines = [f"`{result['reward']}` on {result['checkpoint'] or result['pipeline']} (sampler: {result['sampler']}), held-out "
              f"`{result['split']}` prompts",
-             "", "| family | prompts × images | random image | reward's best-of-N | oracle's best-of-N | pairwise accuracy |",
-             "|---|---|---|---|---|---|"]
+             "", "| family | prompts × images | random image | reward's best-of-N | oracle's best-of-N | pairwise accuracy |"
+             + (" verdict = oracle's |" if verdict else ""), "|---|---|---|---|---|---|" + ("---|" if verdict else "")]
     for fam, m in result["families"].items():
         lines.append(f"| {fam} | {m['prompts']} × {m['samples_per_prompt']} | {cell(m['random'])} | {cell(m['reward_best_of_n'])} | "
-                     f"{cell(m['oracle_best_of_n'])} | {cell(m['pairwise_accuracy'])} |")
+                     f"{cell(m['oracle_best_of_n'])} | {cell(m['pairwise_accuracy'])} |"
+                     + (f" {cell(m['verdict_agreement'])} |" if verdict else ""))
     return "\n".join(lines)
 
 
@@ -168,8 +182,8 @@ def log_to_mlflow(result: dict, tracking_uri: str, experiment: str = "ralign-dia
     metrics = []
     now = int(time.time() * 1000)
     for fam, m in result["families"].items():
-        for name in ("random", "reward_best_of_n", "oracle_best_of_n", "pairwise_accuracy"):
-            if m[name]["rate"] is not None:
+        for name in ("random", "reward_best_of_n", "oracle_best_of_n", "pairwise_accuracy", "verdict_agreement"):
+            if name in m and m[name]["rate"] is not None:
                 metrics.append(Metric(f"{fam}/{name}", m[name]["rate"], now, 0))
     client.log_batch(run_id, metrics=metrics)
     client.log_text(run_id, json.dumps(result, indent=2), "diagnose.json")

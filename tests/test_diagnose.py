@@ -24,6 +24,10 @@ def test_family_rates_by_hand():
     assert pairwise_accuracy([0.5, 0.5], [True, False]) == (0.5, 1)  # a tie counts half
     lo, hi = s["random"]["ci"]
     assert 0 <= lo <= s["random"]["rate"] <= hi <= 1
+    assert "verdict_agreement" not in s  # a reward without a verdict of its own
+    # a reward's own verdicts, agreeing with the oracle on 2, 2 and 1 of the 3 images of each prompt
+    verdicts = np.array([[1, 1, 0], [0, 0, 0], [0, 1, 1]])
+    assert family_summary(rewards, correct, verdicts)["verdict_agreement"]["rate"] == pytest.approx((2 / 3 + 2 / 3 + 1 / 3) / 3, abs=1e-4)
 
 
 def test_diagnose_on_a_tiny_pipeline(ralign_cli_inprocess, tmp_path):

@@ -16,6 +16,7 @@ _BUILDERS: dict[str, str | Callable[..., object]] = {
     "preference": "ralign.rewards.clip_score:PreferenceReward",
     "decomposed_preference": "ralign.rewards.decomposed:DecomposedPreferenceReward",
     "caption": "ralign.rewards.caption:CaptionReward",
+    "detector": "ralign.rewards.detector:DetectorReward",
     "grounded_attention": "ralign.rewards.grounded_attention:GroundedAttentionReward",
     "fidelity": "ralign.rewards.fidelity:FidelityDiscriminator",
     "weighted": "ralign.rewards.weighted:WeightedReward",

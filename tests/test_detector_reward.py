@@ -1,0 +1,107 @@
+"""The GenEval-style `detector` reward: its own prompt reader, its rules over detections, the committed toy detector,
+and the detector's pretraining."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ralign.models.detector import LABELS, Detection, load_detector
+from ralign.pretrain.rewards import NEAR_MISSES, near_miss_scene
+from ralign.rewards.clip_score import TOY_DIR
+from ralign.rewards.detector import DetectorReward, check, read_prompt
+from ralign.world.data import images_to_tensor
+from ralign.world.prompts import FAMILIES, generate
+from ralign.world.scene import SIZES, Scene, cell_center, render
+
+
+def perfect_detections(scene: Scene) -> list[Detection]:
+    """What an exact detector reports for a scene: each object's class and box from the scene graph."""
+    out = []
+    for o, (dx, dy) in zip(scene.objects, scene.jitter or [(0.0, 0.0)] * len(scene.objects)):
+        cx, cy = cell_center(o.row, o.col)
+        out.append(Detection(o.color, o.shape, 0.99, cx + dx, cy + dy, SIZES[o.size], SIZES[o.size]))
+    return out
+
+
+def passes(prompt: str, found: list[Detection]) -> bool:
+    wanted, relations = read_prompt(prompt)
+    return all(v == 1.0 for values in check(wanted, relations, found).values() for v in values)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_reader_finds_each_prompts_objects_and_relation(family):
+    for sample in generate(family, 20, "test", seed=11):
+        wanted, relations = read_prompt(sample.prompt)
+        want = sorted((o.color, o.shape, o.size if family in ("size", "long") else None) for o in sample.scene.objects)
+        got = sorted((w.color, w.shape, w.size) for w in wanted for _ in range(w.count))
+        assert got == want, sample.prompt
+        assert (len(relations) == 1) == (family == "spatial"), (sample.prompt, relations)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_rules_pass_the_prompts_scene_and_fail_every_near_miss(family):
+    rng = np.random.default_rng(4)
+    for sample in generate(family, 12, "train", seed=8):
+        assert passes(sample.prompt, perfect_detections(sample.scene)), sample.prompt
+        for kind in NEAR_MISSES[family]:
+            wrong = near_miss_scene(sample, kind, rng)
+            assert not passes(sample.prompt, perfect_detections(wrong)), (sample.prompt, kind)
+
+
+def test_the_score_is_graded_and_a_prompt_without_objects_is_nan():
+    sample = generate("counting", 1, "test", seed=3)[0]
+    wanted, relations = read_prompt(sample.prompt)
+    n = wanted[0].count
+    missing_one = near_miss_scene(sample, "remove", np.random.default_rng(0))
+    checks = check(wanted, relations, perfect_detections(missing_one))
+    assert checks["count"] == [1 - 1 / n] and checks["nothing_else"] == [1.0]  # one of n missing: partly right
+    out = DetectorReward()((images_to_tensor([render(sample.scene)] * 2) + 1) / 2, [sample.prompt, "a plain grey picture."])
+    assert torch.isfinite(out.score[0]) and out.components["all_correct"][0] in (0.0, 1.0)
+    assert torch.isnan(out.score[1]) and torch.isnan(out.components["all_correct"][1])  # nothing to check: quarantined, never a 0
+
+
+def test_the_committed_detector_sees_held_out_renders():
+    reward = DetectorReward()
+    rng = np.random.default_rng(9)
+    samples = [s for f in ("binding", "counting", "spatial", "size") for s in generate(f, 16, "test", seed=21)]
+    misses = [near_miss_scene(s, NEAR_MISSES[s.family][k % len(NEAR_MISSES[s.family])], rng) for k, s in enumerate(samples)]
+    prompts = [s.prompt for s in samples]
+    own = reward((images_to_tensor([render(s.scene) for s in samples]) + 1) / 2, prompts)
+    wrong = reward((images_to_tensor([render(m) for m in misses]) + 1) / 2, prompts)
+    assert own.components["all_correct"].mean() >= 0.8
+    assert wrong.components["all_correct"].mean() <= 0.2
+    assert (own.score > wrong.score).float().mean() >= 0.8
+
+
+def test_a_directory_that_is_not_a_detector_is_one_line(tmp_path):
+    from ralign.config import MissingPathError
+    from ralign.models.weights import CheckpointError
+
+    with pytest.raises(MissingPathError, match="not a detector directory"):
+        DetectorReward(path=tmp_path)
+    shutil.copytree(TOY_DIR / "detector", tmp_path / "other")
+    config = (tmp_path / "other" / "config.json").read_text().replace('"red circle"', '"crimson circle"')
+    (tmp_path / "other" / "config.json").write_text(config)
+    with pytest.raises(CheckpointError, match="a detector of other classes"):
+        load_detector(tmp_path / "other")
+    with pytest.raises(ValueError, match="threshold must be in"):
+        DetectorReward(threshold=1.5)
+
+
+def test_detector_pretraining_writes_a_loadable_model_and_card(tmp_path):
+    from ralign.pretrain.detector import scene_targets, train_detector
+
+    sample = generate("spatial", 1, "train", seed=2)[0]
+    target = scene_targets(sample.scene)
+    assert [LABELS[i] for i in target["class_labels"].tolist()] == [o.combo for o in sample.scene.objects]
+    assert torch.all((target["boxes"] > 0) & (target["boxes"] < 1))
+    shutil.copytree(TOY_DIR / "base" / "vae", tmp_path / "base" / "vae")
+    metrics = train_detector(tmp_path / "detector", steps=2, batch=4, eval_prompts=4)
+    assert metrics["steps"] == 2 and set(metrics["quality"]) == set(FAMILIES)
+    load_detector(tmp_path / "detector")
+    card = (tmp_path / "detector" / "MODEL_CARD.md").read_text()
+    assert "verdict on near miss" in card and "round trip through the base VAE" in card
