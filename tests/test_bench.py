@@ -22,10 +22,12 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def test_bench_memory_tiny(tmp_path):
+def test_bench_memory_tiny(ralign_cli_inprocess, tmp_path):
     out = tmp_path / "memory.json"
-    _ralign("bench", "memory", "--config", TINY, "--k", "1,3", "--set", "train.micro_batch=1", "--set", "train.batch_size=2",
-            "--set", "ray.request_batch=2", "--json", str(out))
+    # In this process: each row runs in a child process of its own anyway (its peak RSS is the row's figure).
+    result = ralign_cli_inprocess("bench", "memory", "--config", TINY, "--k", "1,3", "--set", "train.micro_batch=1",
+                                  "--set", "train.batch_size=2", "--set", "ray.request_batch=2", "--json", str(out))
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
     result = json.loads(out.read_text())
     assert result["benchmark"] == "memory" and result["chain_steps"] == 3 and {"cpus", "torch"} <= set(result["machine"])
     assert [(r["k"], r["checkpointing"]) for r in result["rows"]] == [(1, True), (3, True), (1, False), (3, False)]
