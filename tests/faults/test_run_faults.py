@@ -90,6 +90,7 @@ def test_run_survives_killed_sampler_reward_and_learner_processes(tmp_path):
         learner_pids = {int(m) for ln in lines for m in re.findall(r"\(RayTrainWorker pid=(\d+)", ln)}
         assert len(learner_pids) == 1, learner_pids
         os.kill(learner_pids.pop(), signal.SIGKILL)
+        logged_at_kill = iterations()  # on a fast machine the learner may have passed the checkpoint of iteration 4
         job.wait(timeout=max(1, deadline - time.time()))
     finally:
         if job.poll() is None:
@@ -104,7 +105,9 @@ def test_run_survives_killed_sampler_reward_and_learner_processes(tmp_path):
     assert _logged_iterations(client, rid) == [1, 2, 3, 4, 5, 6]
     run = client.get_run(rid)
     assert run.info.status == "FINISHED"
-    assert run.data.tags["ralign.resumed_from_iteration"] in ("2",)
+    # Ray Train restarted the group from the last checkpoint registered before the kill (every 2 iterations).
+    resumed_at = int(run.data.tags["ralign.resumed_from_iteration"])
+    assert resumed_at in (2, 4) and resumed_at <= logged_at_kill, (resumed_at, logged_at_kill)
     ledger = summary["ledger"]
     assert ledger["balanced"], ledger  # every id issued ended in exactly one terminal state
     # The killed actors' in-flight work is lost or re-scored, never trained on twice (the coordinator checks the
