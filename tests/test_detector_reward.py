@@ -12,7 +12,7 @@ import torch
 from ralign.models.detector import LABELS, Detection, load_detector
 from ralign.pretrain.rewards import NEAR_MISSES, near_miss_scene
 from ralign.rewards.clip_score import TOY_DIR
-from ralign.rewards.detector import DetectorReward, check, read_prompt
+from ralign.rewards.detector import DetectorReward, check, read_prompt, score_detections
 from ralign.world.data import images_to_tensor
 from ralign.world.prompts import FAMILIES, generate
 from ralign.world.scene import SIZES, Scene, cell_center, render
@@ -28,8 +28,7 @@ def perfect_detections(scene: Scene) -> list[Detection]:
 
 
 def passes(prompt: str, found: list[Detection]) -> bool:
-    wanted, relations = read_prompt(prompt)
-    return all(v == 1.0 for values in check(wanted, relations, found).values() for v in values)
+    return score_detections(prompt, found)[1] == 1.0
 
 
 @pytest.mark.parametrize("family", FAMILIES)

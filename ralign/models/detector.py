@@ -109,6 +109,6 @@ def detect(model: PreTrainedModel, images01: torch.Tensor, threshold: float = DE
         keep = (label < len(LABELS)) & (score > threshold)
         score, label, boxes = score[keep], label[keep], boxes[keep] * IMAGE_SIZE
         xyxy = box_convert(boxes, "cxcywh", "xyxy")
-        kept = batched_nms(xyxy, score, label, duplicate_iou) if len(score) else torch.zeros(0, dtype=torch.long)
+        kept = batched_nms(xyxy, score, label, duplicate_iou)
         results.append([Detection(*LABELS[int(label[k])], float(score[k]), *map(float, boxes[k])) for k in kept.tolist()])
     return results

@@ -53,9 +53,9 @@ def _images01(scenes: list[Scene]) -> torch.Tensor:
 
 def _same_objects(found: list[det.Detection], scene: Scene) -> bool:
     """Whether the detections are exactly the scene's objects: class, size (by box side) and grid cell."""
-    from ralign.rewards.detector import _SIZE_SPLIT, _cell
+    from ralign.rewards.detector import detected_cell, detected_size
 
-    got = sorted((d.color, d.shape, "large" if d.side >= _SIZE_SPLIT else "small", _cell(d)) for d in found)
+    got = sorted((d.color, d.shape, detected_size(d), detected_cell(d)) for d in found)
     want = sorted((o.color, o.shape, o.size, (o.row, o.col)) for o in scene.objects)
     return got == want
 
@@ -66,7 +66,7 @@ def detector_quality(model, look: GeneratedLook, n: int = 64, seed: int = 321) -
     - `exact`: the detections are exactly the scene's objects (class, size, cell);
     - `verdict_on_correct`: the detector reward's all-correct verdict on the prompt's own scene (should be 1);
     - `verdict_on_near_miss`: the same verdict on a near miss of it (wrong by construction; should be 0)."""
-    from ralign.rewards.detector import check, read_prompt
+    from ralign.rewards.detector import score_detections
 
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     out = {}
@@ -78,8 +78,7 @@ def detector_quality(model, look: GeneratedLook, n: int = 64, seed: int = 321) -
         wrong = det.detect(model, look(_images01(misses), gen))
 
         def verdict(prompt, found):
-            wanted, relations = read_prompt(prompt)
-            return all(v == 1.0 for vs in check(wanted, relations, found).values() for v in vs)
+            return score_detections(prompt, found)[1] == 1.0
 
         out[fam] = {
             "exact": round(float(np.mean([_same_objects(f, s.scene) for f, s in zip(own, samples)])), 3),

@@ -64,9 +64,14 @@ def read_prompt(prompt: str, parser: str = "lexicon") -> tuple[list[WantedObject
     return wanted, relations
 
 
-def _cell(d: Detection) -> tuple[int, int]:
+def detected_cell(d: Detection) -> tuple[int, int]:
+    """The grid cell (row, col) of a detection's box centre."""
     step = IMAGE_SIZE / GRID
     return min(GRID - 1, max(0, int(d.cy // step))), min(GRID - 1, max(0, int(d.cx // step)))
+
+
+def detected_size(d: Detection) -> str:
+    return "large" if d.side >= _SIZE_SPLIT else "small"
 
 
 def check(wanted: list[WantedObject], relations: list[tuple[int, str, int]], found: list[Detection]) -> dict[str, list[float]]:
@@ -77,15 +82,25 @@ def check(wanted: list[WantedObject], relations: list[tuple[int, str, int]], fou
         mine = [d for d in found if w.matches(d)]
         checks["count"].append(max(0.0, 1.0 - abs(len(mine) - w.count) / w.count))
         if w.size is not None:
-            right = [d for d in mine if (d.side >= _SIZE_SPLIT) == (w.size == "large")]
+            right = [d for d in mine if detected_size(d) == w.size]
             checks["size"].append(len(right) / max(len(mine), w.count))
         best.append(max(mine, key=lambda d: d.score) if mine else None)
     for subject, relation, reference in relations:
         a, b = best[subject], best[reference]
-        checks["relation"].append(float(a is not None and b is not None and relation_holds(relation, _cell(a), _cell(b))))
+        checks["relation"].append(float(a is not None and b is not None and relation_holds(relation, detected_cell(a), detected_cell(b))))
     extra = [d for d in found if not any(w.matches(d) for w in wanted)]
     checks["nothing_else"].append(float(not extra))
     return checks
+
+
+def score_detections(prompt: str, found: list[Detection], parser: str = "lexicon") -> tuple[float, float]:
+    """(score, verdict) of one image's detections against its prompt: the mean of the checks, and 1.0 when every
+    check passes; both NaN when the prompt names no object."""
+    wanted, relations = read_prompt(prompt, parser)
+    if not wanted:
+        return float("nan"), float("nan")
+    passed = [v for values in check(wanted, relations, found).values() for v in values]
+    return sum(passed) / len(passed), float(all(v == 1.0 for v in passed))
 
 
 class DetectorReward(Reward):
@@ -100,17 +115,10 @@ class DetectorReward(Reward):
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **_) -> RewardOutput:
         detections = detect(self.model, images.float(), self.threshold)
-        score, verdict, n_found = [], [], []
-        for prompt, found in zip(prompts, detections):
-            wanted, relations = read_prompt(prompt, self.parser)
-            n_found.append(float(len(found)))
-            if not wanted:
-                score.append(float("nan"))
-                verdict.append(float("nan"))
-                continue
-            passed = [v for values in check(wanted, relations, found).values() for v in values]
-            score.append(sum(passed) / len(passed))
-            verdict.append(float(all(v == 1.0 for v in passed)))
+        judged = [score_detections(prompt, found, self.parser) for prompt, found in zip(prompts, detections)]
+        score = [sc for sc, _ in judged]
+        verdict = [v for _, v in judged]
+        n_found = [float(len(found)) for found in detections]
         device = images.device
         score_t = torch.tensor(score, device=device)
         return RewardOutput(score_t, {"detector": score_t, "all_correct": torch.tensor(verdict, device=device),
