@@ -61,6 +61,17 @@ def group_advantages(scores: torch.Tensor, groups: list[int], std: str, eps: flo
     return (centred / (scale + eps)).float()
 
 
+def batch_advantages(scores: torch.Tensor, groups: list[int], std: str, eps: float, gather) -> torch.Tensor:
+    """`group_advantages` of this worker's samples; with std "global" the scale is that of the centred rewards over
+    every learner's batch (`gather`: one object from every worker; groups never straddle workers)."""
+    global_scale = None
+    if std == "global":
+        parts = gather((scores - group_means(scores, groups)).tolist())
+        flat = torch.tensor([x for part in parts for x in part], dtype=torch.float64)
+        global_scale = float(flat.std(unbiased=False)) if len(flat) > 1 else 0.0
+    return group_advantages(scores, groups, std, eps, global_scale)
+
+
 def mean_log_prob(log_prob_sum: torch.Tensor, latent_numel: int) -> torch.Tensor:
     """A step's log-density averaged over the latent's dimensions, from its sum over them (what samplers record)."""
     return log_prob_sum / latent_numel
@@ -119,14 +130,7 @@ class GRPO(RolloutAlgorithm):
     def update(self, batch: Chains, ctx: UpdateContext) -> dict[str, float]:
         s, policy = self.settings, ctx.policy
         scores = torch.as_tensor(batch.scores).float()
-        groups = [i // s.group_size for i in batch.ids]
-        global_scale = None
-        if s.advantage_std == "global":
-            # The scale of the centred rewards over every learner's batch (groups never straddle workers).
-            parts = ctx.gather((scores - _group_means(scores, groups)).tolist())
-            flat = torch.tensor([x for part in parts for x in part], dtype=torch.float64)
-            global_scale = float(flat.std(unbiased=False)) if len(flat) > 1 else 0.0
-        advantages = group_advantages(scores, groups, s.advantage_std, s.eps, global_scale)
+        advantages = batch_advantages(scores, [i // s.group_size for i in batch.ids], s.advantage_std, s.eps, ctx.gather)
         latents = torch.as_tensor(batch.latents)
         old_log_probs = mean_log_prob(torch.as_tensor(batch.log_probs), latents[0, 0].numel())
         n_steps = old_log_probs.shape[1]
@@ -172,7 +176,7 @@ class GRPO(RolloutAlgorithm):
         return out
 
 
-def _group_means(scores: torch.Tensor, groups: list[int]) -> torch.Tensor:
+def group_means(scores: torch.Tensor, groups: list[int]) -> torch.Tensor:
     keys = torch.tensor(groups)
     means = torch.empty_like(scores)
     for g in keys.unique().tolist():

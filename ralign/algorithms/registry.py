@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 _ALGORITHMS: dict[str, "str | type[Algorithm]"] = {
     "dpok": "ralign.algorithms.dpok:DPOK",
     "grpo": "ralign.algorithms.grpo:GRPO",
+    "nft": "ralign.algorithms.nft:NFT",
     "rsft": "ralign.algorithms.rsft:RSFT",
     "refl": "ralign.algorithms.refl:ReFL",
     "draft": "ralign.algorithms.draft:DRaFT",
@@ -26,6 +27,7 @@ _ALGORITHMS: dict[str, "str | type[Algorithm]"] = {
 _SECTIONS: dict[str, str] = {
     "dpok": "dpok",
     "grpo": "grpo",
+    "nft": "nft",
     "rsft": "rsft",
     "refl": "refl",
     "draft": "backprop",
