@@ -113,3 +113,28 @@ def test_a_zero_variance_last_step_or_another_prediction_type_is_refused():
     check_scheduler(scheduler(set_alpha_to_one=True), eta=0.0, steps=10)  # deterministic sampling needs no log-probability
     with pytest.raises(UserError, match="prediction_type='v_prediction'"):
         check_scheduler(scheduler(prediction_type="v_prediction"), eta=1.0, steps=10)
+
+
+def test_eta_zero_chains_are_the_evaluation_samplers():
+    """With eta 0 the policy's chain is diffusers' deterministic DDIM pipeline (what `ralign eval` generates with), so
+    algorithms that learn from final images can train on the images they are judged by."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from ralign.diffusion.policy import DiffusionPolicy
+    from ralign.diffusion.seeding import initial_noise
+    from ralign.diffusion.settings import PolicyConfig
+    from ralign.models.toy_t2i import tiny_random_pipeline
+
+    pipe = tiny_random_pipeline()
+    policy = DiffusionPolicy(pipe, PolicyConfig(unet_lora_rank=0, steps=4, eta=0.0, guidance=3.0))
+    prompts, seeds = ["a red circle", "two blue squares"], [3, 4]
+    traj = policy.sample(prompts, seeds)
+    assert torch.equal(traj.log_probs, torch.zeros(2, 4))
+    cond, uncond = policy.encode(prompts)
+    reference = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+                                        scheduler=DDIMScheduler.from_config(pipe.scheduler.config), safety_checker=None,
+                                        feature_extractor=None, requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    latents = reference(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=initial_noise(policy.latent_shape(), seeds),
+                        num_inference_steps=4, guidance_scale=3.0, output_type="latent").images
+    assert torch.allclose(traj.latents[:, -1], latents, atol=1e-5)

@@ -180,12 +180,18 @@ def sample_chain(
     for k, t in enumerate(timesteps):
         with unet_context(start_step + k) if unet_context is not None else contextlib.nullcontext():
             eps = guided_noise(unet, x, t, cond, uncond, guidance)
-        out = ddim_step_with_logprob(scheduler, eps, int(t), x, eta, generator=generator)
-        x = out.prev_sample
+        if eta > 0:
+            out = ddim_step_with_logprob(scheduler, eps, int(t), x, eta, generator=generator)
+            x, log_prob, mean, std = out.prev_sample, out.log_prob, out.mean, out.std
+        else:
+            # Deterministic DDIM (diffusers' own step, the evaluation sampler's): no Gaussian, so the log-probability
+            # and sigma are recorded as 0; algorithms that learn from final images only (NFT, RSFT) accept it.
+            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+            log_prob, mean, std = x.new_zeros(x.shape[0]), x, x.new_zeros(())
         latents.append(x)
-        log_probs.append(out.log_prob)
-        means.append(out.mean)
-        stds.append(out.std)
+        log_probs.append(log_prob)
+        means.append(mean)
+        stds.append(std)
         if step_hook is not None:
             step_hook(start_step + k, x)
     if not log_probs:  # an empty range: nothing was sampled
