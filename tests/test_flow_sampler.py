@@ -105,3 +105,27 @@ def test_scheduler_settings_the_sampler_cannot_compute_are_refused():
         check_flow_scheduler(DDIMScheduler(), 0.7, 10)
     with pytest.raises(ValueError, match="no log-probability"):
         flow_sde_step_with_logprob(torch.zeros(1, 1), torch.tensor([1.0, 0.5, 0.0]), 0, torch.zeros(1, 1), 0.0)
+
+
+def test_a_saved_flow_pipeline_loads_offline_and_its_ode_chain_is_diffusers_own(tmp_path):
+    from ralign.models import ModelLoadError
+    from ralign.models.toy_flow import load_flow_pipeline, tiny_random_flow_pipeline
+    from ralign.models.toy_t2i import tiny_random_pipeline
+
+    tiny_random_flow_pipeline().save_pretrained(tmp_path / "flow", safe_serialization=True)
+    pipe = load_flow_pipeline(tmp_path / "flow")
+    assert pipe.text_encoder_3 is None and not list((tmp_path / "flow").rglob("*.bin"))
+    prompts = ["a red circle", "two blue squares"]
+    with torch.no_grad():
+        cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=True,
+                                                                 max_sequence_length=pipe.tokenizer.model_max_length)
+        x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        ours, *_ = sample_flow_chain(pipe.transformer, pipe.scheduler, (cond, pooled), (uncond, pooled_uncond), x_T,
+                                     steps=5, noise_level=0.0, guidance=3.0)
+        theirs = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, pooled_prompt_embeds=pooled,
+                      negative_pooled_prompt_embeds=pooled_uncond, latents=x_T, num_inference_steps=5, guidance_scale=3.0,
+                      height=64, width=64, output_type="latent").images
+    assert torch.allclose(ours[:, -1], theirs, atol=1e-5)
+    tiny_random_pipeline().save_pretrained(tmp_path / "unet", safe_serialization=True)
+    with pytest.raises(ModelLoadError, match="not a StableDiffusion3Pipeline"):
+        load_flow_pipeline(tmp_path / "unet")
