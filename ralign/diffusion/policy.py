@@ -226,6 +226,11 @@ class DiffusionPolicy:
         return ddim_step_with_logprob(self.scheduler, eps, timestep, latents, self.cfg.eta, prev_sample=prev_sample)
 
     # ---- trainable weights --------------------------------------------------------------------------------------
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules with trainable weights, by the name their tensors carry in `trainable_state`."""
+        return {name: m for name, m in (("unet", self.unet), ("text_encoder", self.text_encoder))
+                if any(p.requires_grad for p in m.parameters())}
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for m in (self.unet, self.text_encoder) for p in m.parameters() if p.requires_grad]
 

@@ -24,6 +24,6 @@ class PolicyConfig(StrictModel):
     # needs a tuned text encoder
     text_encoder_weight: float = 1.0
     steps: int = Field(20, ge=1, le=1000)
-    eta: float = Field(1.0, ge=0.0, le=1.0)
+    eta: float = Field(1.0, ge=0.0, le=1.0)  # DDIM: eta (1 = DDPM variance); flow models: the SDE noise level a (Flow-GRPO 0.7)
     guidance: float = Field(3.0, ge=1.0)  # 3 suits the toy base model best (its model card)
     lora_targets: tuple[str, ...] = UNET_LORA_TARGETS

@@ -62,12 +62,10 @@ class PolicyModule(torch.nn.Module):
 
     def __init__(self, policy: DiffusionPolicy):
         super().__init__()
-        if any(p.requires_grad for p in policy.unet.parameters()):
-            self.unet = policy.unet
-        if any(p.requires_grad for p in policy.text_encoder.parameters()):
-            # Only when it trains: ZeRO-3 would otherwise partition a frozen encoder whose forward reads its
-            # children's weight shapes before their hooks gather them (transformers' CLIP embeddings do).
-            self.text_encoder = policy.text_encoder
+        # Only the modules that train: ZeRO-3 would otherwise partition a frozen text encoder whose forward reads its
+        # children's weight shapes before their hooks gather them (transformers' CLIP embeddings do).
+        for name, module in policy.trainable_modules().items():
+            setattr(self, name, module)
 
     def forward(self, *args, **kwargs):
         """A no-op: the algorithms call the policy's parts directly. The learner calls `engine()` once per micro-step
@@ -126,10 +124,11 @@ class Learner:
     def _param_groups(self) -> list[dict]:
         """One optimiser group, or two when a trainable text encoder has its own rate (TextCraftor + UNet: a whole
         encoder fine-tuned at a LoRA's rate would be destroyed)."""
-        unet = [p for p in self.policy.unet.parameters() if p.requires_grad]
-        text = [p for p in self.policy.text_encoder.parameters() if p.requires_grad]
+        modules = self.policy.trainable_modules()
+        denoiser = [p for name, m in modules.items() if name != "text_encoder" for p in m.parameters() if p.requires_grad]
+        text = [p for p in modules["text_encoder"].parameters() if p.requires_grad] if "text_encoder" in modules else []
         lr_text = self.cfg.train.text_encoder_lr or self.cfg.train.lr
-        groups = [{"params": unet, "lr": self.cfg.train.lr}] if unet else []
+        groups = [{"params": denoiser, "lr": self.cfg.train.lr}] if denoiser else []
         if text:
             groups.append({"params": text, "lr": lr_text})
         return groups
