@@ -80,7 +80,7 @@ def world_oracle_check(
 @world_app.command("pretrain")
 def world_pretrain(
     out: Annotated[Path, typer.Option(help="Where the toy models go.")] = TOY_MODELS_DIR,
-    only: Annotated[str, typer.Option(help="Comma list of: t2i, reward_clip, preference, captioner, segmenter, detector.")] = "t2i,reward_clip,preference,captioner,segmenter,detector",
+    only: Annotated[str, typer.Option(help="Comma list of: t2i, reward_clip, preference, captioner, segmenter, detector, flow.")] = "t2i,reward_clip,preference,captioner,segmenter,detector,flow",
     scale: Annotated[float, typer.Option(min=0.001, help="Multiply every step count (e.g. 0.01 for a smoke run).")] = 1.0,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
     unet_init: Annotated[Optional[str], typer.Option(help="Start the UNet from this diffusers UNet dir instead of a random init.")] = None,
@@ -88,6 +88,8 @@ def world_pretrain(
     unet_lr: Annotated[Optional[float], typer.Option(help="UNet learning rate (default: the pretraining config's).")] = None,
     continue_reward_clip: Annotated[int, typer.Option(min=0, help="With reward_clip: train the reward CLIP of OUT/reward_clip for this many more steps (near misses, generated look).")] = 0,
     reward_clip_lr: Annotated[Optional[float], typer.Option(help="Reward CLIP learning rate (default 5e-4).")] = None,
+    flow_steps: Annotated[Optional[int], typer.Option(min=1, help="With flow: training steps of the flow transformer (default 6000, times --scale).")] = None,
+    continue_flow: Annotated[bool, typer.Option(help="With flow: continue from the transformer in OUT/flow instead of a random init.")] = False,
 ) -> None:
     """Train the toy models from scratch on renders of the toy world (the committed ones were made by this)."""
     _setup_logging()
@@ -95,7 +97,9 @@ def world_pretrain(
 
     results = pretrain_all(out, [p.strip() for p in only.split(",") if p.strip()], scale=scale, seed=seed, unet_init=unet_init,
                            continue_unet_steps=continue_unet, unet_lr=unet_lr,
-                           continue_reward_clip_steps=continue_reward_clip, reward_clip_lr=reward_clip_lr)
+                           continue_reward_clip_steps=continue_reward_clip, reward_clip_lr=reward_clip_lr,
+                           flow_overrides={**({"steps": flow_steps} if flow_steps else {}),
+                                           **({"init": str(out / "flow" / "transformer")} if continue_flow else {})})
     typer.echo(json.dumps(results, indent=2))
 
 

@@ -59,3 +59,25 @@ def test_settings_a_flow_policy_cannot_honour_are_refused():
     policy = FlowPolicy(pipe, PolicyConfig(unet_lora_rank=2, steps=4, eta=0.7))
     with pytest.raises(ValueError, match="not on the 4-step grid"):
         policy.step_log_prob(torch.zeros(1, 4, 8, 8), 123.0, *policy.encode(["a red circle"]), prev_sample=torch.zeros(1, 4, 8, 8))
+
+
+def test_flow_pretraining_writes_a_pipeline_that_loads_offline_and_trains(tmp_path):
+    """`ralign world pretrain --only flow` end to end on 2 steps: a StableDiffusion3Pipeline directory (safetensors,
+    no T5) with its card and oracle figures, which the flow policy loads and samples."""
+    import json
+
+    from ralign.models import TOY_MODELS_DIR
+    from ralign.models.toy_flow import load_flow_pipeline
+    from ralign.pretrain.run import pretrain_all
+
+    (tmp_path / "base").symlink_to(TOY_MODELS_DIR / "base", target_is_directory=True)
+    results = pretrain_all(tmp_path, ["flow"], flow_overrides={"steps": 2, "batch": 4, "eval_prompts": 2, "eval_steps": 2,
+                                                               "width": 32, "layers": 1, "heads": 2})
+    assert results["flow"]["train"]["steps"] == 2 and set(results["flow"]["eval_test"]["families"]) >= {"single", "long"}
+    card = (tmp_path / "flow" / "MODEL_CARD.md").read_text()
+    assert "SD3Transformer2DModel" in card and "| single | 2 |" in card
+    assert not list((tmp_path / "flow").rglob("*.bin")) and not (tmp_path / "flow" / "text_encoder_3").exists()
+    assert json.loads((tmp_path / "flow" / "pretrain_metrics.json").read_text())["runs"][0]["steps"] == 2
+    policy = FlowPolicy(load_flow_pipeline(tmp_path / "flow"), PolicyConfig(unet_lora_rank=2, steps=3, eta=0.7))
+    traj = policy.sample(["a red circle"], [0])
+    assert traj.images.shape == (1, 3, 64, 64) and torch.isfinite(traj.log_probs).all()

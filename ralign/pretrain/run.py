@@ -14,10 +14,11 @@ from ralign.pretrain.t2i import T2IPretrainConfig, continue_unet, pretrain_t2i
 
 log = logging.getLogger(__name__)
 
-PARTS = ("t2i", "reward_clip", "preference", "captioner", "segmenter", "detector")
-# The reward models' trainers, by part: module and function (imported when the part is trained).
+PARTS = ("t2i", "reward_clip", "preference", "captioner", "segmenter", "detector", "flow")
+# The trainers of the parts after t2i, by part: module and function (imported when the part is trained).
 _REWARD_TRAINERS = {part: ("ralign.pretrain.rewards", f"train_{part}") for part in ("reward_clip", "preference", "captioner", "segmenter")}
 _REWARD_TRAINERS["detector"] = ("ralign.pretrain.detector", "train_detector")
+_REWARD_TRAINERS["flow"] = ("ralign.pretrain.flow", "train_flow")  # needs `base` (its VAE and text tower)
 
 
 def dir_size_mb(path: Path) -> float:
@@ -105,10 +106,12 @@ def pretrain_all(
     continue_reward_clip_steps: int = 0,
     reward_clip_lr: float | None = None,
     t2i_overrides: dict | None = None,
+    flow_overrides: dict | None = None,
 ) -> dict:
     """Train the requested parts into `out`. `continue_unet_steps > 0` (with part t2i) instead trains the UNet of the
     pipeline already in `out/base` for that many more steps, keeping its text encoder and VAE. `t2i_overrides`:
-    fields of `T2IPretrainConfig` to change (e.g. smaller batches for a smoke run), applied after `scale`."""
+    fields of `T2IPretrainConfig` to change (e.g. smaller batches for a smoke run), applied after `scale`;
+    `flow_overrides`: fields of `ralign.pretrain.flow.FlowPretrainConfig` (e.g. `init` to continue a run)."""
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"unknown pretraining part(s) {unknown}; expected some of {list(PARTS)}")
@@ -150,6 +153,8 @@ def pretrain_all(
             extra["continue_steps"] = continue_reward_clip_steps
         if part == "reward_clip" and reward_clip_lr is not None:
             extra["lr"] = reward_clip_lr
+        if part == "flow":
+            extra.update(flow_overrides or {})
         results[part] = trainer(out / part, seed=seed, scale=scale, **extra)
     for name in ("base", "text_clip", *[p for p in parts if p != "t2i"]):
         if (out / name).exists():
