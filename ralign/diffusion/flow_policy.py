@@ -54,10 +54,10 @@ class FlowPolicy:
     # ---- text ---------------------------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str], original: bool = False) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """((embeds, pooled), (negative embeds, negative pooled)) for classifier-free guidance."""
-        max_len = self.pipe.tokenizer.model_max_length
+        from ralign.models.toy_flow import encode_prompts
+
         with torch.no_grad():
-            embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
-                list(prompts), None, None, device=self.device, do_classifier_free_guidance=True, max_sequence_length=max_len)
+            embeds, negative, pooled, negative_pooled = encode_prompts(self.pipe, list(prompts), device=self.device)
         return (embeds, pooled), (negative, negative_pooled)
 
     def prompt_overflow(self, prompt: str) -> str | None:

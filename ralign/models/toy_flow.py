@@ -59,6 +59,22 @@ def tiny_random_flow_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
         text_encoder_2=text_encoder(tok, 32, 1, 2, 32, seed + 1), tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
 
 
+def encode_prompts(pipe: StableDiffusion3Pipeline, prompts: list[str], guidance: bool = True, device=None):
+    """diffusers' SD3 `encode_prompt` at the tokenizer's length: (embeds, negative embeds, pooled, negative pooled)
+    (negatives None without guidance). Its warning about truncated prompts (logged for every batch with a long
+    prompt) is silenced: the policy reports what a prompt loses through `prompt_overflow`."""
+    import logging
+
+    logger = logging.getLogger("diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return pipe.encode_prompt(list(prompts), None, None, device=device, do_classifier_free_guidance=guidance,
+                                  max_sequence_length=pipe.tokenizer.model_max_length)
+    finally:
+        logger.setLevel(level)
+
+
 def load_flow_pipeline(path: str | Path, torch_dtype: torch.dtype = torch.float32) -> StableDiffusion3Pipeline:
     """A StableDiffusion3Pipeline directory (or hub id), weights from safetensors only; a T5 encoder absent from the
     directory is left out (diffusers then feeds zeros in its place)."""

@@ -119,13 +119,12 @@ def _fit(cfg: FlowPretrainConfig, pipe: StableDiffusion3Pipeline, snapshot_dir: 
     for module in (vae, pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(False)
     transformer.train()
-    max_len = pipe.tokenizer.model_max_length
     for i in range(cfg.steps):
         samples = next(stream)
         prompts = ["" if rng.random() < cfg.cfg_drop else s.prompt for s in samples]
         with torch.no_grad():
             x0 = vae.encode(render_samples(samples)).latent_dist.sample(gen) * vae.config.scaling_factor
-            embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=max_len)
+            embeds, _, pooled, _ = toy_flow.encode_prompts(pipe, prompts, guidance=False)
         noise = torch.randn(x0.shape, generator=gen)
         sigma = torch.sigmoid(torch.randn(len(samples), generator=gen)).view(-1, 1, 1, 1)  # logit-normal(0, 1)
         noisy = (1 - sigma) * x0 + sigma * noise
@@ -168,8 +167,10 @@ def _evaluate(pipe: StableDiffusion3Pipeline, cfg: FlowPretrainConfig) -> dict:
                                                generator=torch.Generator().manual_seed(sample_seed(cfg.seed, lo + j)))
                                    for j in range(len(chunk))])
             with torch.no_grad():
-                result = pipe(chunk, latents=latents, num_inference_steps=cfg.eval_steps, guidance_scale=3.0, height=64, width=64,
-                              output_type="np", max_sequence_length=pipe.tokenizer.model_max_length)
+                embeds, negative, pooled, negative_pooled = toy_flow.encode_prompts(pipe, chunk)
+                result = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
+                              negative_pooled_prompt_embeds=negative_pooled, latents=latents, num_inference_steps=cfg.eval_steps,
+                              guidance_scale=3.0, height=64, width=64, output_type="np")
             out += list((result.images * 255).round().astype(np.uint8))
         images[fam] = out
     report = evaluate_images(samples, images)
