@@ -44,6 +44,13 @@ class GRPOSettings(StrictModel):
     eps: float = Field(1e-4, gt=0.0)  # added to the advantage's standard deviation
 
 
+def check_minibatches(section: str, minibatches: int, train) -> None:
+    """Each of an update's `minibatches` optimiser steps takes whole micro-batches of the batch."""
+    if train.batch_size % minibatches or (train.batch_size // minibatches) % train.micro_batch:
+        raise ValueError(f"algorithm.{section}.minibatches={minibatches} must split train.batch_size={train.batch_size} into "
+                         f"minibatches that are multiples of train.micro_batch={train.micro_batch}")
+
+
 def group_advantages(scores: torch.Tensor, groups: list[int], std: str, eps: float,
                      global_scale: float | None = None) -> torch.Tensor:
     """(r - group mean) / (group std | `global_scale`) for each sample; `groups[i]` names sample i's group."""
@@ -111,9 +118,7 @@ class GRPO(RolloutAlgorithm):
         if s.skip_last_steps >= cfg.model.policy.steps:
             raise ValueError(f"algorithm.grpo.skip_last_steps={s.skip_last_steps} leaves no step of model.policy.steps="
                              f"{cfg.model.policy.steps} to train")
-        if t.batch_size % s.minibatches or (t.batch_size // s.minibatches) % t.micro_batch:
-            raise ValueError(f"algorithm.grpo.minibatches={s.minibatches} must split train.batch_size={t.batch_size} into "
-                             f"minibatches that are multiples of train.micro_batch={t.micro_batch}")
+        check_minibatches(cls.section, s.minibatches, t)
 
     def trainable_steps(self) -> int:
         return self.cfg.model.policy.steps - self.settings.skip_last_steps

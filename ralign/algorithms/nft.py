@@ -33,7 +33,7 @@ import torch
 from pydantic import Field
 
 from ralign.algorithms.base import RolloutAlgorithm, UpdateContext
-from ralign.algorithms.grpo import batch_advantages
+from ralign.algorithms.grpo import batch_advantages, check_minibatches
 from ralign.config import StrictModel
 from ralign.rollout.batch import Chains
 
@@ -77,10 +77,7 @@ class NFT(RolloutAlgorithm):
     @classmethod
     def check(cls, cfg) -> None:
         super().check(cfg)
-        s, t = cfg.algorithm.settings_of(cls.section), cfg.train
-        if t.batch_size % s.minibatches or (t.batch_size // s.minibatches) % t.micro_batch:
-            raise ValueError(f"algorithm.nft.minibatches={s.minibatches} must split train.batch_size={t.batch_size} into "
-                             f"minibatches that are multiples of train.micro_batch={t.micro_batch}")
+        check_minibatches(cls.section, cfg.algorithm.settings_of(cls.section).minibatches, cfg.train)
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -12,7 +12,6 @@ does. The text encoders stay frozen here.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -68,14 +67,10 @@ class FlowPolicy:
     # ---- identity and placement ---------------------------------------------------------------------------------
     def base_fingerprint(self) -> str:
         """sha256 of the pretrained weights (adapters excluded), as DiffusionPolicy's."""
-        h = hashlib.sha256()
-        for prefix, module in (("transformer", self.transformer), ("vae", self.vae), *((f"text_encoder{i}", m) for i, m in enumerate(self.text_encoders))):
-            for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
-                if "lora_" in name:
-                    continue
-                h.update(f"{prefix}.{name}".encode())
-                h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        from ralign.diffusion.policy import weights_fingerprint
+
+        return weights_fingerprint((("transformer", self.transformer), ("vae", self.vae),
+                                    *((f"text_encoder{i}", m) for i, m in enumerate(self.text_encoders))))
 
     @property
     def device(self) -> torch.device:

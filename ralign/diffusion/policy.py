@@ -117,16 +117,7 @@ class DiffusionPolicy:
         """sha256 of the pretrained weights (adapters excluded). Samplers and learners load the base model
         separately; comparing fingerprints catches a model that changed on disk, or a different checkpoint, before
         a run mixes two policies (the importance ratios would be silently wrong)."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for prefix, module in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.original_text_encoder or self.text_encoder)):
-            for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
-                if "lora_" in name:
-                    continue
-                h.update(f"{prefix}.{name}".encode())
-                h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        return weights_fingerprint((("unet", self.unet), ("vae", self.vae), ("text_encoder", self.original_text_encoder or self.text_encoder)))
 
     # ---- placement ----------------------------------------------------------------------------------------------
     @property
@@ -258,6 +249,20 @@ class DiffusionPolicy:
             for k, v in state.items():
                 params[k].copy_(v)
         self.version = version
+
+
+def weights_fingerprint(modules) -> str:
+    """sha256 (16 hex digits) of the named modules' weights, LoRA adapters excluded."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for prefix, module in modules:
+        for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+            if "lora_" in name:
+                continue
+            h.update(f"{prefix}.{name}".encode())
+            h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def base_pipeline(spec: dict) -> StableDiffusionPipeline:
