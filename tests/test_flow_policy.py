@@ -81,3 +81,13 @@ def test_flow_pretraining_writes_a_pipeline_that_loads_offline_and_trains(tmp_pa
     policy = FlowPolicy(load_flow_pipeline(tmp_path / "flow"), PolicyConfig(unet_lora_rank=2, steps=3, eta=0.7))
     traj = policy.sample(["a red circle"], [0])
     assert traj.images.shape == (1, 3, 64, 64) and torch.isfinite(traj.log_probs).all()
+
+
+def test_the_committed_toy_flow_model_loads_by_name_and_samples():
+    from ralign.models.toy_flow import load_flow_pipeline
+
+    pipe = load_flow_pipeline("flow")
+    assert type(pipe.transformer).__name__ == "SD3Transformer2DModel" and pipe.text_encoder_3 is None
+    policy = FlowPolicy(pipe, PolicyConfig(unet_lora_rank=4, steps=10, eta=0.7))
+    traj = policy.sample(["a red circle", "two blue squares"], [0, 1])
+    assert traj.images.shape == (2, 3, 64, 64) and torch.isfinite(traj.log_probs).all()

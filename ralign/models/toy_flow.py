@@ -76,10 +76,16 @@ def encode_prompts(pipe: StableDiffusion3Pipeline, prompts: list[str], guidance:
 
 
 def load_flow_pipeline(path: str | Path, torch_dtype: torch.dtype = torch.float32) -> StableDiffusion3Pipeline:
-    """A StableDiffusion3Pipeline directory (or hub id), weights from safetensors only; a T5 encoder absent from the
-    directory is left out (diffusers then feeds zeros in its place)."""
+    """`flow` (the committed toy model), a StableDiffusion3Pipeline directory or a hub id, weights from safetensors
+    only; a T5 encoder absent from the directory is left out (diffusers then feeds zeros in its place)."""
     import json
 
+    from ralign.models import TOY_MODELS_DIR
+
+    if str(path) == "flow":  # the committed toy flow model
+        path = TOY_MODELS_DIR / "flow"
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"toy flow model is missing at {path}; run `ralign world pretrain --only flow`")
     local = Path(path).expanduser()
     absent: dict = {}
     if local.is_dir():
