@@ -88,7 +88,7 @@ def train_flow(out_dir, seed: int = 0, scale: float = 1.0, **overrides) -> dict:
     out = Path(out_dir)
     base_dir = out.parent / "base"
     torch.manual_seed(cfg.seed)
-    text_width = CLIPTextModel.config_class.from_pretrained(base_dir / "text_encoder").hidden_size
+    text_width = json.loads((base_dir / "text_encoder" / "config.json").read_text())["hidden_size"]
     transformer = (SD3Transformer2DModel.from_pretrained(cfg.init, use_safetensors=True) if cfg.init
                    else new_transformer(cfg, text_width))
     pipe = assemble(base_dir, transformer, cfg.shift)
