@@ -112,7 +112,7 @@ def evaluate(
     n: Annotated[int, typer.Option(min=1, help="Prompts per family.")] = 200,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics JSON here (default: stdout).")] = None,
     grids: Annotated[Optional[Path], typer.Option(help="Directory for per-family image grids (default: beside --json).")] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="DDIM steps (default: the checkpoint's, else 20).")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Sampling steps (DDIM, or the flow ODE; default: the checkpoint's evaluation steps, else 20).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (default: the checkpoint's, else 3, which suits the toy base model best).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per pipeline call.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of prompts and noise.")] = 0,
@@ -135,15 +135,22 @@ def evaluate(
     _setup_logging()
     from ralign.world.evaluation import evaluate_generator
 
-    overrides = {k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None}
-    if checkpoint is not None:
-        from ralign.diffusion.policy import policy_from_checkpoint
+    # --steps: the evaluation sampler's (deterministic) steps, whatever the checkpoint trained with.
+    overrides = {k: v for k, v in (("eval_steps", steps), ("guidance", guidance)) if v is not None}
+    from ralign.models import pipeline_family
+
+    if checkpoint is not None or pipeline_family(pipeline) == "flow":
+        from ralign.diffusion.policy import build_policy, policy_from_checkpoint
         from ralign.ops.model_registry import local_checkpoint
 
-        with local_checkpoint(checkpoint, tracking_uri) as local:  # an MLflow URI is downloaded to a temporary dir
-            policy = policy_from_checkpoint(local, source=checkpoint, **overrides)
+        if checkpoint is not None:
+            with local_checkpoint(checkpoint, tracking_uri) as local:  # an MLflow URI is downloaded to a temporary dir
+                policy = policy_from_checkpoint(local, source=checkpoint, **overrides)
+        else:  # a flow-matching base model: its own pipeline class, sampled by the flow policy's ODE
+            policy = build_policy({"pipeline": pipeline, "policy": {"unet_lora_rank": 0, **overrides}})
         generate = lambda prompts: policy.generate_images(prompts, seed=seed, batch_size=batch_size)  # noqa: E731
-        settings = {"checkpoint": checkpoint, "steps": policy.cfg.steps, "guidance": policy.cfg.guidance}
+        settings = {"checkpoint": checkpoint} if checkpoint is not None else {"pipeline": pipeline}
+        settings.update(steps=policy.cfg.eval_steps or policy.cfg.steps, guidance=policy.cfg.guidance)
     else:
         from ralign.models.pipeline import generate_images, load_pipeline
 
@@ -248,7 +255,7 @@ def generate_command(
     out: Annotated[Path, typer.Option(help="Output directory (PNGs, grid.png, prompts.txt).")] = Path("outputs/generate"),
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (default: the checkpoint's).")] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="DDIM steps (default: the checkpoint's).")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Sampling steps (DDIM, or the flow ODE; default: the checkpoint's evaluation steps).")] = None,
     truncate: Annotated[bool, typer.Option(help="Generate from prompts longer than the text encoding reads, cutting off the rest (default: refuse them).")] = False,
 ) -> None:
     """Generate images with the base model or a trained checkpoint, optionally interpolating text encoders."""
@@ -277,16 +284,14 @@ def generate_command(
 
     from ralign.models.weights import read_safetensors
     from ralign.world.evaluation import write_grid
-    from ralign.diffusion.policy import DiffusionPolicy, PolicyConfig, policy_from_checkpoint
+    from ralign.diffusion.policy import build_policy, policy_from_checkpoint
 
     prompts = [p.text for p in sources]
-    overrides = {k: v for k, v in (("guidance", guidance), ("steps", steps)) if v is not None}
+    overrides = {k: v for k, v in (("guidance", guidance), ("eval_steps", steps)) if v is not None}
     if checkpoint is None:
         if text_encoder_weight != 1.0 or mix:
             raise UserError("--text-encoder-weight and --mix need a --checkpoint with a tuned text encoder")
-        from ralign.models.pipeline import load_pipeline
-
-        policy = DiffusionPolicy(load_pipeline(pipeline), PolicyConfig(unet_lora_rank=0, **overrides))
+        policy = build_policy({"pipeline": pipeline, "policy": {"unet_lora_rank": 0, **overrides}})
     else:
         from ralign.ops.model_registry import local_checkpoint
 

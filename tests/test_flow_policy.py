@@ -3,6 +3,7 @@ the KL to the adapter-off reference 0 before the first step), and the settings i
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ from ralign.training.learner import Learner
 
 def test_grpo_trains_the_flow_policy_through_the_learner():
     cfg = parse_config(TrainConfig, {
-        "model": {"pipeline": "tiny-random", "policy": {"unet_lora_rank": 4, "steps": 4, "eta": 0.7, "guidance": 3.0}},
+        "model": {"pipeline": "tiny-random-flow", "policy": {"unet_lora_rank": 4, "steps": 4, "eta": 0.7, "guidance": 3.0}},
         "algorithm": {"name": "grpo", "grpo": {"group_size": 2, "minibatches": 1, "beta": 0.1, "timestep_fraction": 1.0,
                                                "skip_last_steps": 1}},
         "reward": {"name": "colorfulness"}, "train": {"batch_size": 4, "micro_batch": 2}, "ray": {"request_batch": 2},
@@ -46,6 +47,34 @@ def test_grpo_trains_the_flow_policy_through_the_learner():
     with torch.no_grad():
         fresh = policy.step_log_prob(x, t, cond, uncond, prev_sample=traj.latents[:, 2]).mean
     assert torch.allclose(ref_after, fresh, atol=1e-6)  # fresh LoRA (B = 0) is the reference too
+
+
+def test_the_engine_builds_flow_policies_by_pipeline_and_refuses_algorithms_that_cannot_train_them():
+    from ralign.diffusion.policy import DiffusionPolicy, build_policy
+    from ralign.models import pipeline_family
+
+    assert [pipeline_family(n) for n in ("tiny-random", "tiny-random-flow", "base", "flow")] == ["unet", "flow", "unet", "flow"]
+    policy = build_policy({"pipeline": "tiny-random-flow", "policy": {"unet_lora_rank": 2, "steps": 2, "eval_steps": 3}})
+    assert isinstance(policy, FlowPolicy) and policy.family == "flow"
+    assert isinstance(build_policy({"pipeline": "tiny-random", "policy": {"steps": 2}}), DiffusionPolicy)
+    # Evaluation images: the ODE at eval_steps, image i fixed by (seed, i) whatever the batching (up to one level of
+    # rounding: a batched matmul sums in another order).
+    prompts = ["a red circle", "two blue squares", "a green triangle"]
+    together = policy.generate_images(prompts, seed=3)
+    apart = policy.generate_images(prompts, seed=3, batch_size=1)
+    assert together[0].shape == (64, 64, 3)
+    assert max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(together, apart)) <= 1
+    policy.cfg = policy.cfg.model_copy(update={"eval_steps": 5})
+    assert int(np.abs(policy.generate_images(prompts[:1], seed=3)[0].astype(int) - together[0]).max()) > 1
+
+    base = {"model": {"pipeline": "tiny-random-flow", "policy": {"steps": 3}}, "reward": {"name": "colorfulness"},
+            "train": {"batch_size": 4, "micro_batch": 2}, "ray": {"request_batch": 2}}
+    for name in ("refl", "draft", "nft", "rsft"):
+        with pytest.raises(ValueError) as info:
+            parse_config(TrainConfig, {**base, "algorithm": {"name": name}})
+        assert f"algorithm.name={name} trains SD-style UNet models only; model.pipeline=tiny-random-flow is a flow-matching " \
+               "transformer model (algorithms for it: dpok, grpo)" in str(info.value)
+    assert parse_config(TrainConfig, {**base, "algorithm": {"name": "dpok"}}).model.family() == "flow"
 
 
 def test_settings_a_flow_policy_cannot_honour_are_refused():
@@ -91,3 +120,31 @@ def test_the_committed_toy_flow_model_loads_by_name_and_samples():
     policy = FlowPolicy(pipe, PolicyConfig(unet_lora_rank=4, steps=10, eta=0.7))
     traj = policy.sample(["a red circle", "two blue squares"], [0, 1])
     assert traj.images.shape == (2, 3, 64, 64) and torch.isfinite(traj.log_probs).all()
+
+
+def test_sd35_config_loads_a_flow_pipeline_directory_through_the_same_path(tmp_path):
+    """jobs/configs/sd35.yaml with only the machine-sized settings overridden: a StableDiffusion3Pipeline directory
+    (no T5, as the toy one) loads through the path a real SD3.5 checkpoint takes, and GRPO updates it."""
+    from pathlib import Path
+
+    from ralign.config import load_config
+    from ralign.diffusion.policy import build_policy
+
+    tiny_random_flow_pipeline().save_pretrained(tmp_path / "sd3")
+    config = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "sd35.yaml"
+    cfg = load_config(TrainConfig, config, [
+        f"model.pipeline={tmp_path / 'sd3'}", "model.policy.steps=3", "model.policy.eval_steps=4", "reward.name=colorfulness",
+        "reward.options={}", "ray.use_gpu=false", "algorithm.grpo.group_size=2", "train.batch_size=4", "train.micro_batch=2",
+        "ray.request_batch=2",
+    ])
+    assert cfg.model.family() == "flow" and cfg.model.policy.guidance == 4.5 and cfg.algorithm.grpo.clip_range == 1e-4
+    seed_lora_init()
+    policy = build_policy(cfg.policy_spec())
+    assert isinstance(policy, FlowPolicy) and policy.transformer.peft_config["default"].r == 32
+    learner = Learner(cfg, policy)
+    prompts, seeds = ["a red circle", "a red circle", "two blue squares", "two blue squares"], [1, 2, 3, 4]
+    traj = policy.sample(prompts, seeds)
+    stats = learner.update(Chains([0, 1, 2, 3], prompts, seeds, [0] * 4, latents=traj.latents, log_probs=traj.log_probs,
+                                  timesteps=traj.timesteps, scores=torch.tensor([0.1, 0.9, 0.4, 0.2])))
+    assert learner.engine.global_steps == 2 and stats["grad_norm"] > 0  # minibatches: 2 optimiser updates per batch
+    assert len(policy.generate_images(["a red circle"])) == 1

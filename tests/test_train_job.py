@@ -19,6 +19,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 CONFIG = Path(__file__).parent / "configs" / "tiny_train.yaml"
+# The same tiny job on a flow-matching model (StableDiffusion3Pipeline, MMDiT transformer, Flow-GRPO's SDE).
+FLOW = ("--set", "model.pipeline=tiny-random-flow")
 
 
 def _cmd(tmp_path: Path, *extra: str) -> list[str]:
@@ -71,9 +73,10 @@ def test_refl_job_hands_prefixes_to_the_learner(ralign_cli_inprocess, tmp_path):
     assert "report/index.html" in {a.path for a in client.list_artifacts(summary["run_id"], "report")}
 
 
-def test_dpok_job_survives_a_killed_driver_and_resumes_the_same_run(ralign_cli_inprocess, tmp_path):
+def test_flow_model_dpok_job_survives_a_killed_driver_and_resumes_the_same_run(ralign_cli_inprocess, tmp_path):
+    # On the flow-matching policy (the UNet one goes through the same kills in tests/faults/test_run_faults.py).
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    first = subprocess.Popen(_cmd(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first = subprocess.Popen(_cmd(tmp_path, *FLOW), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     run_id = None
     deadline = time.time() + 900
     try:
@@ -97,6 +100,7 @@ def test_dpok_job_survives_a_killed_driver_and_resumes_the_same_run(ralign_cli_i
 
     summary = _train(ralign_cli_inprocess, tmp_path, "--resume", run_id)
     assert summary["run_id"] == run_id and summary["iterations"] == 6
+    assert client.get_run(run_id).data.params["model.pipeline"] == "tiny-random-flow"  # the resumed run's own config
     # Same run, every iteration logged once, in order: no repeated or skipped step numbers.
     assert _iterations(client, run_id) == [0, 1, 2, 3, 4, 5, 6]
     run = client.get_run(run_id)
@@ -109,6 +113,10 @@ def test_dpok_job_survives_a_killed_driver_and_resumes_the_same_run(ralign_cli_i
     assert summary["oracle_after"]["families"]["binding"]["n"] == 2
     state = json.loads((Path(summary["checkpoint"]) / "learner_state.json").read_text())
     assert state["iteration"] == 6 and state["run_id"] == run_id
+    from ralign.diffusion.policy import policy_from_checkpoint
+
+    resumed = policy_from_checkpoint(summary["checkpoint"])
+    assert resumed.family == "flow" and resumed.version == state["version"]
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "oracle_before.json", "oracle_after.json", "checkpoint", "pipeline_ledger.json", "rollouts"} <= artifacts
     kl = client.get_metric_history(run_id, "kl")
@@ -143,8 +151,8 @@ def test_resuming_a_run_that_never_checkpointed_is_refused(ralign_cli, tmp_path)
     assert client.get_run(run_id).info.status == "FAILED"  # left as it was, not reopened
 
 
-def test_two_grpo_learner_workers_share_each_update(ralign_cli_inprocess, tmp_path):
-    summary = _train(ralign_cli_inprocess, tmp_path, "--set", "ray.learners=2", "--set", "ray.learner_cpus=0.5", "--set", "train.iterations=2",
+def test_two_grpo_learner_workers_share_each_update_of_a_flow_model(ralign_cli_inprocess, tmp_path):
+    summary = _train(ralign_cli_inprocess, tmp_path, *FLOW, "--set", "ray.learners=2", "--set", "ray.learner_cpus=0.5", "--set", "train.iterations=2",
                      "--set", "algorithm.name=grpo", "--set", "algorithm.grpo.group_size=2", "--set", "algorithm.grpo.skip_last_steps=1",
                      "--set", "train.eval.before_after=false")
     # Each of the 2 workers trained on its own 4 samples (2 groups of 2) per iteration: 16 samples, each exactly once.

@@ -74,6 +74,9 @@ class Algorithm:
     section: ClassVar[str]  # its settings live under `algorithm.<section>` (DRaFT, AlignProp, interval share one)
     Settings: ClassVar[type[StrictModel]] = NoSettings
     reward_in_learner: ClassVar[bool] = False  # the learner builds the reward (it backpropagates through it)
+    # The policies it can train, by `family` ("unet": DiffusionPolicy; "flow": FlowPolicy). An update that reads
+    # only `encode`, `step_log_prob` and `reference` works on both; one that calls the UNet itself does not.
+    model_families: ClassVar[tuple[str, ...]] = ("unet",)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -83,6 +86,15 @@ class Algorithm:
     @classmethod
     def check(cls, cfg) -> None:
         pass
+
+    @classmethod
+    def check_model(cls, family: str | None, pipeline: str) -> None:
+        """Refuse a model family this algorithm cannot train (None: not known before the pipeline loads)."""
+        if family is not None and family not in cls.model_families:
+            kinds = {"unet": "SD-style UNet", "flow": "flow-matching transformer"}
+            raise ValueError(f"algorithm.name={cls.name} trains {' or '.join(kinds[f] for f in cls.model_families)} models only; "
+                             f"model.pipeline={pipeline} is a {kinds.get(family, family)} model (algorithms for it: "
+                             f"{', '.join(_algorithms_for(family))})")
 
     # ---- what it asks of the samplers ---------------------------------------------------------------------------
     @property
@@ -113,6 +125,12 @@ class Algorithm:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def _algorithms_for(family: str) -> list[str]:
+    from ralign.algorithms.registry import algorithm_class, algorithm_names
+
+    return [n for n in algorithm_names() if family in algorithm_class(n).model_families]
 
 
 class RolloutAlgorithm(Algorithm):

@@ -21,6 +21,7 @@ from pydantic import Field
 from ralign.algorithms.advantages import PerPromptNormalizer
 from ralign.algorithms.base import RolloutAlgorithm, UpdateContext
 from ralign.config import StrictModel
+from ralign.diffusion.sampler import as_timestep
 from ralign.diffusion.sampler import Trajectory
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ def dpok_update(
     cond, uncond = policy.encode(traj.prompts)
     totals: dict[str, float] = {}
     for k in chosen:
-        t = int(traj.timesteps[k])
+        t = as_timestep(traj.timesteps[k])
         x_t, x_prev = traj.latents[:, k], traj.latents[:, k + 1]
         with torch.no_grad(), policy.reference():
             mean_ref = policy.step_log_prob(x_t, t, *policy.encode(traj.prompts), prev_sample=x_prev, steps=n_steps).mean
@@ -104,6 +105,7 @@ def dpok_update(
 class DPOK(RolloutAlgorithm):
     name = "dpok"
     section = "dpok"
+    model_families = ("unet", "flow")
     Settings = DPOKSettings
 
     @classmethod

@@ -25,6 +25,7 @@ from pydantic import Field
 
 from ralign.algorithms.base import RolloutAlgorithm, UpdateContext
 from ralign.config import StrictModel
+from ralign.diffusion.sampler import as_timestep
 from ralign.rollout.batch import Chains
 
 
@@ -105,6 +106,7 @@ def grpo_step_loss(log_prob_new: torch.Tensor, log_prob_old: torch.Tensor, advan
 class GRPO(RolloutAlgorithm):
     name = "grpo"
     section = "grpo"
+    model_families = ("unet", "flow")
     Settings = GRPOSettings
 
     @classmethod
@@ -153,7 +155,7 @@ class GRPO(RolloutAlgorithm):
                     prompts = [batch.prompts[i] for i in idx]
                     cond, uncond = policy.encode(prompts)
                     for k in chosen:
-                        t = int(batch.timesteps[k])
+                        t = as_timestep(batch.timesteps[k])
                         x_t, x_prev = latents[idx, k].to(policy.device), latents[idx, k + 1].to(policy.device)
                         mean_ref = None
                         if s.beta > 0:

@@ -22,19 +22,22 @@ from ralign.config import UserError
 from ralign.diffusion.flow_sampler import check_flow_scheduler, flow_grid, flow_sde_step_with_logprob, guided_velocity, sample_flow_chain
 from ralign.diffusion.sampler import StepOutput, Trajectory
 from ralign.diffusion.seeding import initial_noise, step_generator
-from ralign.diffusion.settings import UNET_LORA_TARGETS, PolicyConfig
+from ralign.diffusion.trainable import copy_trainable_state, weights_fingerprint
+from ralign.diffusion.settings import UNET_LORA_TARGETS, PolicyConfig, check_flow_settings
 
 # The image stream's and the text stream's projections of every joint attention block (Flow-GRPO's targets).
 FLOW_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
 class FlowPolicy:
+    family = "flow"  # what the algorithms' `model_families` name
+    pipeline_class = StableDiffusion3Pipeline
+    # SD3's LoRA loader reads peft's key names (as diffusers' own train_dreambooth_lora_sd3.py writes them); converted
+    # to the attention-processor names, its to_q / to_k / to_v / to_out.0 factors would be silently dropped on load.
+    lora_keys_in_diffusers_format = False
+
     def __init__(self, pipe: StableDiffusion3Pipeline, cfg: PolicyConfig):
-        for key, value, allowed in (("text_encoder", cfg.text_encoder, "frozen"), ("text_encoding", cfg.text_encoding, "plain")):
-            if value != allowed:
-                raise UserError(f"model.policy.{key}={value} is not available for flow-matching models (only {allowed})")
-        if cfg.text_encoder_weight != 1.0:
-            raise UserError("model.policy.text_encoder_weight interpolates a tuned text encoder; flow models keep theirs frozen")
+        check_flow_settings(cfg)
         self.cfg = cfg
         self.pipe = pipe  # for diffusers' encode_prompt and the evaluation pipeline
         self.transformer, self.vae = pipe.transformer, pipe.vae
@@ -67,8 +70,6 @@ class FlowPolicy:
     # ---- identity and placement ---------------------------------------------------------------------------------
     def base_fingerprint(self) -> str:
         """sha256 of the pretrained weights (adapters excluded), as DiffusionPolicy's."""
-        from ralign.diffusion.policy import weights_fingerprint
-
         return weights_fingerprint((("transformer", self.transformer), ("vae", self.vae),
                                     *((f"text_encoder{i}", m) for i, m in enumerate(self.text_encoders))))
 
@@ -105,7 +106,11 @@ class FlowPolicy:
         return (images / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
-    def sample(self, prompts: Sequence[str], seeds: Sequence[int], *, decode: bool = True, steps: int | None = None) -> Trajectory:
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], *, decode: bool = True, steps: int | None = None,
+               attention_steps: Sequence[int] = ()) -> Trajectory:
+        if attention_steps:
+            raise ValueError("cross-attention maps are recorded from a UNet's attention processors; an MMDiT's joint "
+                             "attention has none to record (a reward that scores attention needs a UNet model)")
         steps = steps or self.cfg.steps
         cond, uncond = self.encode(prompts)
         x_T = initial_noise(self.latent_shape(), seeds, dtype=cond[0].dtype, device=self.device)
@@ -114,6 +119,35 @@ class FlowPolicy:
             guidance=self.cfg.guidance, generator=step_generator(seeds))
         images = self.decode(latents[:, -1]) if decode else None
         return Trajectory(list(prompts), latents, log_probs, means, stds, ts, images)
+
+    @torch.no_grad()
+    def generate_images(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 32) -> list:
+        """uint8 images through diffusers' StableDiffusion3Pipeline with this policy's parts (adapters on): the ODE at
+        `eval_steps`; image i depends only on (seed, i), as in `ralign eval`."""
+        import numpy as np
+
+        from ralign.diffusion.seeding import sample_seed
+        from ralign.models.toy_flow import encode_prompts
+
+        pipe = StableDiffusion3Pipeline(
+            transformer=self.transformer, scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config),
+            vae=self.vae, text_encoder=self.pipe.text_encoder, tokenizer=self.pipe.tokenizer,
+            text_encoder_2=self.pipe.text_encoder_2, tokenizer_2=self.pipe.tokenizer_2,
+            text_encoder_3=self.pipe.text_encoder_3, tokenizer_3=self.pipe.tokenizer_3)
+        pipe.set_progress_bar_config(disable=True)
+        size = self.transformer.config.sample_size * pipe.vae_scale_factor
+        out: list = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start: start + batch_size])
+            latents = torch.stack([torch.randn(self.latent_shape(), generator=torch.Generator().manual_seed(sample_seed(seed, start + i)))
+                                   for i in range(len(chunk))])
+            embeds, negative, pooled, negative_pooled = encode_prompts(pipe, chunk, guidance=self.cfg.guidance > 1, device=self.device)
+            result = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
+                          negative_pooled_prompt_embeds=negative_pooled, latents=latents.to(self.device, self.transformer.dtype),
+                          num_inference_steps=self.cfg.eval_steps or self.cfg.steps, guidance_scale=self.cfg.guidance,
+                          height=size, width=size, output_type="np")
+            out.extend((np.clip(result.images, 0, 1) * 255).round().astype(np.uint8))
+        return out
 
     def step_log_prob(self, latents: torch.Tensor, timestep, cond, uncond, *, prev_sample: torch.Tensor,
                       steps: int | None = None) -> StepOutput:
@@ -139,12 +173,9 @@ class FlowPolicy:
 
     def load_trainable_state(self, state: dict[str, torch.Tensor], version: int, source: str | None = None,
                              complete: bool = False) -> None:
-        from ralign.models.weights import check_fits
-
-        params = {f"transformer.{n}": p for n, p in self.transformer.named_parameters()}
-        expected = {k: p.shape for k, p in params.items() if k in state or (complete and p.requires_grad)}
-        check_fits(state, expected, source or "weights", complete=complete, finite=source is not None, what="this policy")
-        with torch.no_grad():
-            for k, v in state.items():
-                params[k].copy_(v)
+        copy_trainable_state({f"transformer.{n}": p for n, p in self.transformer.named_parameters()}, state, source, complete)
         self.version = version
+
+    def lora_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules that may carry peft adapters, by the name diffusers' `save_lora_weights` gives their layers."""
+        return {"transformer": self.transformer}

@@ -21,8 +21,15 @@ from ralign.diffusion.sampler import StepOutput, Trajectory, check_scheduler, dd
 from ralign.diffusion.seeding import initial_noise, step_generator
 from ralign.diffusion.settings import PolicyConfig
 from ralign.diffusion.text_encoding import PlainEncoder, SegmentEncoder, interpolate_embeddings
+from ralign.diffusion.trainable import copy_trainable_state, weights_fingerprint  # noqa: F401 - re-exported
 
 class DiffusionPolicy:
+    family = "unet"  # what the algorithms' `model_families` name
+    pipeline_class = StableDiffusionPipeline  # the diffusers pipeline its parts, and its exported LoRA, belong to
+    # Its exported LoRA keys in diffusers' attention-processor names (`to_q.lora.down`), which StableDiffusionPipeline's
+    # loader reads; peft's names otherwise.
+    lora_keys_in_diffusers_format = True
+
     def __init__(self, pipe: StableDiffusionPipeline, cfg: PolicyConfig):
         self.cfg = cfg
         self.unet = pipe.unet
@@ -200,7 +207,7 @@ class DiffusionPolicy:
             requires_safety_checker=False,
         )
         pipe.set_progress_bar_config(disable=True)
-        return generate_images(pipe, prompts, steps=self.cfg.steps, guidance=self.cfg.guidance, seed=seed,
+        return generate_images(pipe, prompts, steps=self.cfg.eval_steps or self.cfg.steps, guidance=self.cfg.guidance, seed=seed,
                                batch_size=batch_size, prompt_embeds_fn=self.encode)
 
     def noise_pred(self, latents: torch.Tensor, timestep: int, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
@@ -239,46 +246,59 @@ class DiffusionPolicy:
         """Copy trainable tensors into the policy. `source` names the file they came from (errors name it, and its
         values must be finite); `complete` demands every trainable tensor of this policy (a checkpoint of the same
         policy holds them all: one missing would leave that tensor at its fresh initialisation without a word)."""
-        from ralign.models.weights import check_fits
-
         params = {f"unet.{n}": p for n, p in self.unet.named_parameters()}
         params.update({f"text_encoder.{n}": p for n, p in self.text_encoder.named_parameters()})
-        expected = {k: p.shape for k, p in params.items() if k in state or (complete and p.requires_grad)}
-        check_fits(state, expected, source or "weights", complete=complete, finite=source is not None, what="this policy")
-        with torch.no_grad():
-            for k, v in state.items():
-                params[k].copy_(v)
+        copy_trainable_state(params, state, source, complete)
         self.version = version
 
-
-def weights_fingerprint(modules) -> str:
-    """sha256 (16 hex digits) of the named modules' weights, LoRA adapters excluded."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for prefix, module in modules:
-        for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
-            if "lora_" in name:
-                continue
-            h.update(f"{prefix}.{name}".encode())
-            h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    def lora_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules that may carry peft adapters, by the name diffusers' `save_lora_weights` gives their layers."""
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
 
 
-def base_pipeline(spec: dict) -> StableDiffusionPipeline:
-    """The pretrained pipeline a policy spec names: 'base' (the committed toy model), 'tiny-random' (tests), a
-    diffusers directory or a hub id."""
+def base_pipeline(spec: dict):
+    """The pretrained pipeline a policy spec names: 'base' or 'flow' (the committed toy models), 'tiny-random' or
+    'tiny-random-flow' (tests), a diffusers directory or a hub id; a StableDiffusion3Pipeline for a flow model."""
+    from ralign.models import pipeline_family
     from ralign.models.pipeline import load_pipeline
-    from ralign.models.toy_t2i import tiny_random_pipeline
 
     name = spec.get("pipeline", "base")
-    return tiny_random_pipeline(int(spec.get("seed", 0))) if name == "tiny-random" else load_pipeline(name)
+    if name == "tiny-random":
+        from ralign.models.toy_t2i import tiny_random_pipeline
+
+        return tiny_random_pipeline(int(spec.get("seed", 0)))
+    if name == "tiny-random-flow":
+        from ralign.models.toy_flow import tiny_random_flow_pipeline
+
+        return tiny_random_flow_pipeline(int(spec.get("seed", 0)))
+    family = pipeline_family(name)
+    if family is None:  # a hub id not in the local cache: its index says which pipeline it is
+        from diffusers import DiffusionPipeline
+
+        from ralign.models import FLOW_PIPELINE_CLASSES
+
+        family = "flow" if DiffusionPipeline.load_config(name).get("_class_name") in FLOW_PIPELINE_CLASSES else "unet"
+    if family == "flow":
+        from ralign.models.toy_flow import load_flow_pipeline
+
+        return load_flow_pipeline(name)
+    return load_pipeline(name)
 
 
-def build_policy(spec: dict) -> DiffusionPolicy:
-    """A DiffusionPolicy from a plain-dict spec (`TrainConfig.policy_spec()`, or a checkpoint's learner state):
-    {"pipeline": name-or-path, "seed": .., "policy": {...PolicyConfig fields}, "device": ..}."""
-    policy = DiffusionPolicy(base_pipeline(spec), PolicyConfig(**spec.get("policy", {})))
+def build_policy(spec: dict):
+    """The policy of a plain-dict spec (`TrainConfig.policy_spec()`, or a checkpoint's learner state):
+    {"pipeline": name-or-path, "seed": .., "policy": {...PolicyConfig fields}, "device": ..}: a `DiffusionPolicy` over
+    an SD-style UNet, or a `FlowPolicy` over a flow-matching transformer, by the pipeline the spec names."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = base_pipeline(spec)
+    cfg = PolicyConfig(**spec.get("policy", {}))
+    if isinstance(pipe, StableDiffusion3Pipeline):
+        from ralign.diffusion.flow_policy import FlowPolicy
+
+        policy = FlowPolicy(pipe, cfg)
+    else:
+        policy = DiffusionPolicy(pipe, cfg)
     if spec.get("init_checkpoint"):
         from ralign.models.weights import read_safetensors
 
@@ -290,7 +310,7 @@ def build_policy(spec: dict) -> DiffusionPolicy:
     return policy.to(spec.get("device", "cpu"))
 
 
-def policy_from_checkpoint(directory: str | Path, device: str = "cpu", source: str | None = None, **policy_overrides) -> DiffusionPolicy:
+def policy_from_checkpoint(directory: str | Path, device: str = "cpu", source: str | None = None, **policy_overrides):
     """The policy a learner checkpoint holds: its base model and policy settings (learner_state.json) plus its
     trainable weights (trainable.safetensors). `policy_overrides` change inference-only settings (e.g.
     text_encoder_weight, guidance, steps). `source` is how errors name the checkpoint (default: the directory; an

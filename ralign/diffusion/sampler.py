@@ -210,3 +210,10 @@ def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """VAE decode to images in [0, 1] (B, 3, H, W); differentiable."""
     images = vae.decode(latents / vae.config.scaling_factor).sample
     return (images / 2 + 0.5).clamp(0, 1)
+
+
+def as_timestep(value) -> int | float:
+    """A chain's recorded timestep as a Python number of its own kind: DDIM's are integers (they index the
+    scheduler's tables), a flow grid's are fractional (1000 sigma) and must not be truncated."""
+    value = value.item() if hasattr(value, "item") else value
+    return int(value) if float(value).is_integer() else float(value)

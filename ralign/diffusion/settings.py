@@ -23,7 +23,22 @@ class PolicyConfig(StrictModel):
     # TextCraftor's interpolation at inference: e = w·e_tuned + (1 − w)·e_original (1 = the tuned encoder alone);
     # needs a tuned text encoder
     text_encoder_weight: float = 1.0
-    steps: int = Field(20, ge=1, le=1000)
+    steps: int = Field(20, ge=1, le=1000)  # denoising steps of the training chains
+    # Steps of evaluation and generation (deterministic: DDIM eta 0 / the flow ODE); None = `steps`. Flow-GRPO trains on
+    # 10 and evaluates on 40.
+    eval_steps: int | None = Field(None, ge=1, le=1000)
     eta: float = Field(1.0, ge=0.0, le=1.0)  # DDIM: eta (1 = DDPM variance); flow models: the SDE noise level a (Flow-GRPO 0.7)
     guidance: float = Field(3.0, ge=1.0)  # 3 suits the toy base model best (its model card)
     lora_targets: tuple[str, ...] = UNET_LORA_TARGETS
+
+
+def check_flow_settings(cfg: PolicyConfig) -> None:
+    """What a flow-matching policy (ralign.diffusion.flow_policy) refuses: its text encoders stay frozen, and it reads
+    prompts through diffusers' own SD3 encoding."""
+    from ralign.config import UserError
+
+    for key, value, allowed in (("text_encoder", cfg.text_encoder, "frozen"), ("text_encoding", cfg.text_encoding, "plain")):
+        if value != allowed:
+            raise UserError(f"model.policy.{key}={value} is not available for flow-matching models (only {allowed})")
+    if cfg.text_encoder_weight != 1.0:
+        raise UserError("model.policy.text_encoder_weight interpolates a tuned text encoder; flow models keep theirs frozen")

@@ -18,29 +18,7 @@ from safetensors import SafetensorError
 
 from ralign.diffusion.seeding import sample_seed
 from ralign.models.weights import no_progress_bars
-from ralign.models import TOY_MODELS_DIR, ModelLoadError
-
-TOY_NAMES = {
-    "base": TOY_MODELS_DIR / "base",
-}
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """`base` -> the committed toy pipeline; an existing directory -> itself; anything else is treated as a hub id."""
-    if name_or_path in TOY_NAMES:
-        path = TOY_NAMES[name_or_path]
-        if not (path / "model_index.json").is_file():
-            raise ModelLoadError(f"toy model '{name_or_path}' is missing at {path}; run `ralign world pretrain`")
-        return str(path)
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise ModelLoadError(f"{path}: not a diffusers pipeline directory (no model_index.json)")
-        return str(path.resolve())
-    if "/" in name_or_path and not name_or_path.startswith((".", "/")):
-        return name_or_path  # hub id; from_pretrained honours HF_HUB_OFFLINE and the local cache
-    raise ModelLoadError(f"{name_or_path!r}: no such directory, and not a toy model name ({sorted(TOY_NAMES)}) or hub id")
-
+from ralign.models import TOY_MODELS_DIR, TOY_NAMES, ModelLoadError, resolve_model_path  # noqa: F401 - re-exported
 
 def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     path = resolve_model_path(name_or_path)

@@ -80,12 +80,9 @@ def load_flow_pipeline(path: str | Path, torch_dtype: torch.dtype = torch.float3
     only; a T5 encoder absent from the directory is left out (diffusers then feeds zeros in its place)."""
     import json
 
-    from ralign.models import TOY_MODELS_DIR
+    from ralign.models import resolve_model_path
 
-    if str(path) == "flow":  # the committed toy flow model
-        path = TOY_MODELS_DIR / "flow"
-        if not (path / "model_index.json").is_file():
-            raise ModelLoadError(f"toy flow model is missing at {path}; run `ralign world pretrain --only flow`")
+    path = resolve_model_path(str(path))
     local = Path(path).expanduser()
     absent: dict = {}
     if local.is_dir():

@@ -38,13 +38,14 @@ def _check_out(out: Path) -> None:
         raise UserError(f"--out {out}: exists and is not an empty directory (an export never overwrites other files)")
 
 
-def _lora_layers(module) -> dict | None:
+def _lora_layers(module, convert: bool) -> dict | None:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     if not getattr(module, "_hf_peft_config_loaded", False):  # diffusers' / transformers' mark of a peft adapter
         return None
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+    state = get_peft_model_state_dict(module)
+    return convert_state_dict_to_diffusers(state) if convert else state
 
 
 def _metadata(module) -> dict:
@@ -53,16 +54,16 @@ def _metadata(module) -> dict:
 
 
 def write_lora(policy, directory: Path) -> list[str]:
-    """The policy's LoRA adapters (UNet, and text encoder when it has a LoRA) as diffusers writes them."""
-    from diffusers import StableDiffusionPipeline
-
-    unet, text = _lora_layers(policy.unet), _lora_layers(policy.text_encoder)
-    if unet is None and text is None:
+    """The policy's LoRA adapters (UNet or flow transformer, and the text encoder when it has a LoRA), written by its
+    diffusers pipeline class's own `save_lora_weights`."""
+    layers = {name: (_lora_layers(module, policy.lora_keys_in_diffusers_format), module) for name, module in policy.lora_modules().items()}
+    layers = {name: (state, module) for name, (state, module) in layers.items() if state is not None}
+    if not layers:
         return []
-    StableDiffusionPipeline.save_lora_weights(
-        str(directory), unet_lora_layers=unet, text_encoder_lora_layers=text, safe_serialization=True,
-        unet_lora_adapter_metadata=_metadata(policy.unet) if unet is not None else None,
-        text_encoder_lora_adapter_metadata=_metadata(policy.text_encoder) if text is not None else None,
+    policy.pipeline_class.save_lora_weights(
+        str(directory), safe_serialization=True,
+        **{f"{name}_lora_layers": state for name, (state, _) in layers.items()},
+        **{f"{name}_lora_adapter_metadata": _metadata(module) for name, (_, module) in layers.items()},
     )
     return [LORA_FILE]
 

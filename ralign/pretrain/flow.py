@@ -93,28 +93,30 @@ def train_flow(out_dir, seed: int = 0, scale: float = 1.0, **overrides) -> dict:
                    else new_transformer(cfg, text_width))
     pipe = assemble(base_dir, transformer, cfg.shift)
     metrics = {"config": asdict(cfg), "params": parameter_count(transformer)}
+    previous = out / "pretrain_metrics.json"
+    runs = json.loads(previous.read_text()).get("runs", []) if cfg.init and previous.is_file() else []
     # Snapshots beside the model directory, not in it: the directory is what gets committed.
-    metrics["train"] = _fit(cfg, pipe, out.parent / f".{out.name}_snapshots")
+    metrics["train"] = _fit(cfg, pipe, out.parent / f".{out.name}_snapshots", run_index=len(runs))
     pipe.set_progress_bar_config(disable=True)
     metrics["eval_test"] = _evaluate(pipe, cfg)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
-    previous = out / "pretrain_metrics.json"
-    runs = json.loads(previous.read_text()).get("runs", []) if cfg.init and previous.is_file() else []
     metrics["runs"] = runs + [{"steps": cfg.steps, "lr": cfg.lr, "wall_s": metrics["train"]["wall_s"], "final_loss": metrics["train"]["final_loss"]}]
     previous.write_text(json.dumps(metrics, indent=2))
     write_card(out, metrics)
     return {k: v for k, v in metrics.items() if k != "config"}
 
 
-def _fit(cfg: FlowPretrainConfig, pipe: StableDiffusion3Pipeline, snapshot_dir: Path) -> dict:
+def _fit(cfg: FlowPretrainConfig, pipe: StableDiffusion3Pipeline, snapshot_dir: Path, run_index: int = 0) -> dict:
     transformer, vae = pipe.transformer, pipe.vae
     ema = EMAModel(transformer.parameters(), decay=cfg.ema_decay, model_cls=type(transformer), model_config=transformer.config)
     opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = cosine_lr(opt, cfg.steps, warmup=min(200, max(1, cfg.steps // 10)))
-    stream = sample_stream(cfg.batch, seed=cfg.seed + 31)
-    rng = np.random.default_rng(cfg.seed + 32)
-    gen = torch.Generator().manual_seed(cfg.seed + 33)
+    # A continued run draws fresh prompts and noise rather than replaying the previous run's.
+    data_seed = cfg.seed + 1000 * run_index
+    stream = sample_stream(cfg.batch, seed=data_seed + 31)
+    rng = np.random.default_rng(data_seed + 32)
+    gen = torch.Generator().manual_seed(data_seed + 33)
     progress = Progress("flow", cfg.steps, max(1, min(cfg.log_every, cfg.steps)))
     for module in (vae, pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(False)

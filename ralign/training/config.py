@@ -19,7 +19,9 @@ from ralign.config import StrictModel
 from ralign.diffusion.settings import PolicyConfig
 
 class ModelSection(StrictModel):
-    pipeline: str = "base"  # 'base' (committed toy model), 'tiny-random' (tests), a diffusers directory or a hub id
+    # 'base' / 'flow' (committed toy models), 'tiny-random' / 'tiny-random-flow' (tests), a diffusers directory or a
+    # hub id; a StableDiffusion3Pipeline is trained as a flow-matching policy
+    pipeline: str = "base"
     # Start the trainable weights from this checkpoint (e.g. LongAlign's supervised stage, `ralign sft`)
     init_checkpoint: str | None = None
     policy: PolicyConfig = PolicyConfig()
@@ -29,6 +31,16 @@ class ModelSection(StrictModel):
     def _absolute(cls, value: str | None) -> str | None:
         # Ray workers run in their own directories: a relative path would resolve against theirs.
         return str(Path(value).expanduser().resolve()) if value else value
+
+    def family(self) -> str | None:
+        """'unet' or 'flow', read from the pipeline's model_index.json; None when that cannot be read before loading
+        (a hub id not in the local cache, a path that does not exist: loading says why)."""
+        from ralign.models import ModelLoadError, pipeline_family
+
+        try:
+            return pipeline_family(self.pipeline)
+        except ModelLoadError:
+            return None
 
     def policy_spec(self, seed: int) -> dict:
         """What `ralign.diffusion.policy.build_policy` needs; also written into every checkpoint, so one loads on its own."""
@@ -217,8 +229,14 @@ class TrainConfig(StrictModel):
             raise ValueError(f"reward.name={self.reward.name!r} is not a known reward; expected one of {reward_names()}")
         if self.train.batch_size % self.train.micro_batch:
             raise ValueError(f"train.batch_size={self.train.batch_size} must be a multiple of train.micro_batch={self.train.micro_batch}")
-        # What the algorithm accepts (rewards, policy settings, batch shapes) is the algorithm's to say.
+        # What the algorithm accepts (rewards, policy settings, batch shapes, models) is the algorithm's to say.
+        family = self.model.family()
+        algorithm_class(self.algorithm.name).check_model(family, self.model.pipeline)
         algorithm_class(self.algorithm.name).check(self)
+        if family == "flow":
+            from ralign.diffusion.settings import check_flow_settings
+
+            check_flow_settings(pol)
         if needs_attention(self.reward.name, self.reward.options) and pol.text_encoding != "plain":
             raise ValueError(f"reward term(s) {needs_chain_inputs(self.reward.name, self.reward.options)} score cross-attention "
                              f"per prompt token, which needs model.policy.text_encoding=plain, not {pol.text_encoding}")

@@ -104,6 +104,8 @@ class Learner:
 
         self.cfg, self.policy, self.reward = cfg, policy, reward
         self.algorithm = build_algorithm(cfg)
+        # The config checked the family when it could read it; a hub id's is known only once the model has loaded.
+        self.algorithm.check_model(policy.family, cfg.model.pipeline)
         if self.algorithm.reward_in_learner and reward is None:
             raise ValueError(f"{cfg.algorithm.name} needs its differentiable reward in the learner")
         _ensure_process_group()
