@@ -124,10 +124,8 @@ class FlowPolicy:
     def generate_images(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 32) -> list:
         """uint8 images through diffusers' StableDiffusion3Pipeline with this policy's parts (adapters on): the ODE at
         `eval_steps`; image i depends only on (seed, i), as in `ralign eval`."""
-        import numpy as np
-
-        from ralign.diffusion.seeding import sample_seed
-        from ralign.models.toy_flow import encode_prompts
+        from ralign.models.pipeline import generate_images
+        from ralign.models.toy_flow import pipeline_embeds
 
         pipe = StableDiffusion3Pipeline(
             transformer=self.transformer, scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config),
@@ -135,19 +133,10 @@ class FlowPolicy:
             text_encoder_2=self.pipe.text_encoder_2, tokenizer_2=self.pipe.tokenizer_2,
             text_encoder_3=self.pipe.text_encoder_3, tokenizer_3=self.pipe.tokenizer_3)
         pipe.set_progress_bar_config(disable=True)
-        size = self.transformer.config.sample_size * pipe.vae_scale_factor
-        out: list = []
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start: start + batch_size])
-            latents = torch.stack([torch.randn(self.latent_shape(), generator=torch.Generator().manual_seed(sample_seed(seed, start + i)))
-                                   for i in range(len(chunk))])
-            embeds, negative, pooled, negative_pooled = encode_prompts(pipe, chunk, guidance=self.cfg.guidance > 1, device=self.device)
-            result = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
-                          negative_pooled_prompt_embeds=negative_pooled, latents=latents.to(self.device, self.transformer.dtype),
-                          num_inference_steps=self.cfg.eval_steps or self.cfg.steps, guidance_scale=self.cfg.guidance,
-                          height=size, width=size, output_type="np")
-            out.extend((np.clip(result.images, 0, 1) * 255).round().astype(np.uint8))
-        return out
+
+        return generate_images(pipe, prompts, steps=self.cfg.eval_steps or self.cfg.steps, guidance=self.cfg.guidance,
+                               seed=seed, batch_size=batch_size,
+                               prompt_embeds_fn=lambda chunk: pipeline_embeds(pipe, chunk, guidance=self.cfg.guidance > 1, device=self.device))
 
     def step_log_prob(self, latents: torch.Tensor, timestep, cond, uncond, *, prev_sample: torch.Tensor,
                       steps: int | None = None) -> StepOutput:

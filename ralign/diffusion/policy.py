@@ -21,7 +21,7 @@ from ralign.diffusion.sampler import StepOutput, Trajectory, check_scheduler, dd
 from ralign.diffusion.seeding import initial_noise, step_generator
 from ralign.diffusion.settings import PolicyConfig
 from ralign.diffusion.text_encoding import PlainEncoder, SegmentEncoder, interpolate_embeddings
-from ralign.diffusion.trainable import copy_trainable_state, weights_fingerprint  # noqa: F401 - re-exported
+from ralign.diffusion.trainable import copy_trainable_state, weights_fingerprint
 
 class DiffusionPolicy:
     family = "unet"  # what the algorithms' `model_families` name
@@ -208,7 +208,8 @@ class DiffusionPolicy:
         )
         pipe.set_progress_bar_config(disable=True)
         return generate_images(pipe, prompts, steps=self.cfg.eval_steps or self.cfg.steps, guidance=self.cfg.guidance, seed=seed,
-                               batch_size=batch_size, prompt_embeds_fn=self.encode)
+                               batch_size=batch_size,
+                               prompt_embeds_fn=lambda chunk: dict(zip(("prompt_embeds", "negative_prompt_embeds"), self.encode(chunk))))
 
     def noise_pred(self, latents: torch.Tensor, timestep: int, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         return guided_noise(self.unet, latents, timestep, cond, uncond, self.cfg.guidance)

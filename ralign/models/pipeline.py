@@ -70,7 +70,7 @@ def _check_weight_files(pipe: StableDiffusionPipeline, root: Path) -> None:
 
 @torch.no_grad()
 def generate_images(
-    pipe: StableDiffusionPipeline,
+    pipe,
     prompts: Sequence[str],
     *,
     steps: int = 20,
@@ -79,30 +79,30 @@ def generate_images(
     batch_size: int = 32,
     prompt_embeds_fn=None,
 ) -> list[np.ndarray]:
-    """uint8 HxWx3 images for `prompts`; image i depends only on (seed, i), not on the batch it falls in.
+    """uint8 HxWx3 images for `prompts` from a diffusers pipeline (a UNet one or a StableDiffusion3Pipeline); image i
+    depends only on (seed, i), not on the batch it falls in.
 
-    `prompt_embeds_fn(prompts) -> (cond, uncond)` replaces the pipeline's own text encoding (segment-level encoding of
-    long prompts, interpolated encoders)."""
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    `prompt_embeds_fn(prompts) -> dict` of the pipeline's embedding arguments (`prompt_embeds`,
+    `negative_prompt_embeds`, ...) replaces its own text encoding (segment-level encoding of long prompts,
+    interpolated encoders, SD3's pooled embeddings)."""
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    size = denoiser.config.sample_size * pipe.vae_scale_factor
     out: list[np.ndarray] = []
-    latent_shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    latent_shape = (denoiser.config.in_channels, denoiser.config.sample_size, denoiser.config.sample_size)
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         # One generator per image keeps results independent of batching.
         latents = torch.stack(
             [torch.randn(latent_shape, generator=torch.Generator().manual_seed(sample_seed(seed, start + i))) for i in range(len(chunk))]
         )
-        kwargs = dict(prompt=chunk)
-        if prompt_embeds_fn is not None:
-            cond, uncond = prompt_embeds_fn(chunk)
-            kwargs = dict(prompt_embeds=cond, negative_prompt_embeds=uncond)
+        kwargs = prompt_embeds_fn(chunk) if prompt_embeds_fn is not None else dict(prompt=chunk)
         result = pipe(
             **kwargs,
             height=size,
             width=size,
             num_inference_steps=steps,
             guidance_scale=guidance,
-            latents=latents.to(pipe.unet.dtype),
+            latents=latents.to(denoiser.device, denoiser.dtype),
             output_type="np",
         )
         out.extend((np.clip(result.images, 0, 1) * 255).round().astype(np.uint8))

@@ -75,6 +75,12 @@ def encode_prompts(pipe: StableDiffusion3Pipeline, prompts: list[str], guidance:
         logger.setLevel(level)
 
 
+def pipeline_embeds(pipe: StableDiffusion3Pipeline, prompts: list[str], guidance: bool = True, device=None) -> dict:
+    """`encode_prompts` as the pipeline's keyword arguments (prompt, negative and both pooled embeddings)."""
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    return dict(zip(names, encode_prompts(pipe, prompts, guidance=guidance, device=device)))
+
+
 def load_flow_pipeline(path: str | Path, torch_dtype: torch.dtype = torch.float32) -> StableDiffusion3Pipeline:
     """`flow` (the committed toy model), a StableDiffusion3Pipeline directory or a hub id, weights from safetensors
     only; a T5 encoder absent from the directory is left out (diffusers then feeds zeros in its place)."""

@@ -154,27 +154,13 @@ def _fit(cfg: FlowPretrainConfig, pipe: StableDiffusion3Pipeline, snapshot_dir: 
 
 def _evaluate(pipe: StableDiffusion3Pipeline, cfg: FlowPretrainConfig) -> dict:
     """The oracle on held-out `test` prompts (evaluation only): ODE sampling, guidance 3, `eval_steps` steps."""
-    from ralign.diffusion.seeding import sample_seed
+    from ralign.models.pipeline import generate_images
     from ralign.world.evaluation import eval_prompts, evaluate_images
 
     samples = eval_prompts("test", cfg.eval_prompts, seed=cfg.seed)
-    images = {}
-    for fam, fam_samples in samples.items():
-        prompts = [s.prompt for s in fam_samples]
-        out = []
-        for lo in range(0, len(prompts), 32):
-            chunk = prompts[lo: lo + 32]
-            latents = torch.stack([torch.randn(pipe.transformer.config.in_channels, pipe.transformer.config.sample_size,
-                                               pipe.transformer.config.sample_size,
-                                               generator=torch.Generator().manual_seed(sample_seed(cfg.seed, lo + j)))
-                                   for j in range(len(chunk))])
-            with torch.no_grad():
-                embeds, negative, pooled, negative_pooled = toy_flow.encode_prompts(pipe, chunk)
-                result = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
-                              negative_pooled_prompt_embeds=negative_pooled, latents=latents, num_inference_steps=cfg.eval_steps,
-                              guidance_scale=3.0, height=64, width=64, output_type="np")
-            out += list((result.images * 255).round().astype(np.uint8))
-        images[fam] = out
+    images = {fam: generate_images(pipe, [s.prompt for s in fam_samples], steps=cfg.eval_steps, guidance=3.0, seed=cfg.seed,
+                                   batch_size=32, prompt_embeds_fn=lambda chunk: toy_flow.pipeline_embeds(pipe, chunk))
+              for fam, fam_samples in samples.items()}
     report = evaluate_images(samples, images)
     return {"families": {f: {"all_correct": v["all_correct"], "ci": v.get("all_correct_ci"), "n": v["n"]}
                          for f, v in report["families"].items()},
