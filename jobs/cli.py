@@ -333,7 +333,7 @@ def sft_command(
 
 @app.command("compare")
 def compare_command(
-    methods: Annotated[str, typer.Option(help="Comma list of rows.")] = "base,dpok,refl,draft,longalign,comat,textcraftor,textcraftor_unet",
+    methods: Annotated[str, typer.Option(help="Comma list of rows.")] = "base,dpok,refl,draft,longalign,comat,textcraftor,textcraftor_unet,flow_base,flow_grpo",
     n: Annotated[int, typer.Option(min=1, help="Held-out test prompts per family (claims need at least 100).")] = 100,
     out: Annotated[Path, typer.Option(help="Directory for the Markdown table, grids and montages.")] = Path("outputs/compare"),
     json_out: Annotated[Path, typer.Option("--json", help="The results JSON (rows of an earlier run with the same config are reused).")] = Path("benchmarks/results/compare.json"),
@@ -455,7 +455,7 @@ def k8s_render(
     out: Annotated[Path, typer.Option(help="Directory for base/ and overlays/ (the committed tree is k8s/).")] = Path("k8s"),
     config: Annotated[Path, typer.Option(help="Training config of the base (inside the repo: the image carries it).")] = Path("jobs/configs/quickstart.yaml"),
     serve_config: Annotated[Path, typer.Option(help="Reward servers' config: the RayService's serveConfigV2.")] = Path("jobs/configs/serve_rewards.yaml"),
-    overlay: Annotated[Optional[list[str]], typer.Option(help="NAME=CONFIG: an overlay patching the base into CONFIG's manifests (repeatable; default toy=jobs/configs/quickstart.yaml and sd15=jobs/configs/sd15.yaml).")] = None,
+    overlay: Annotated[Optional[list[str]], typer.Option(help="NAME=CONFIG: an overlay patching the base into CONFIG's manifests (repeatable; default toy=jobs/configs/quickstart.yaml, sd15=jobs/configs/sd15.yaml and sd35=jobs/configs/sd35.yaml).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a field of every training config: a.b=value (repeatable; also passed to the job).")] = None,
     image: Annotated[str, typer.Option(help="Image NAME:TAG (GPU configs' overlays use TAG-gpu).")] = "ghcr.io/ralign/ralign:0.1.0",
 ) -> None:

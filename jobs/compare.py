@@ -35,14 +35,19 @@ METHODS: dict[str, str | None] = {
     "comat": "comat.yaml",
     "textcraftor": "textcraftor.yaml",
     "textcraftor_unet": "textcraftor_unet.yaml",
+    "flow_base": None,
+    "flow_grpo": "flow_grpo.yaml",  # Flow-GRPO + detector reward on the toy flow-matching model
 }
+# The untrained rows: each evaluates a base model at the sampling settings of the config named here (its trained rows
+# start from that model with those settings).
+BASE_SETTINGS: dict[str, str] = {"base": "draft.yaml", "flow_base": "flow_grpo.yaml"}
 # Stages a method's config needs first (its model.init_checkpoint): method -> SFT config. Run whenever the method is
 # (re)trained; the stage's wall time counts towards the method's.
 PRE_STAGES: dict[str, str] = {"longalign": "longalign_sft.yaml"}
 LABELS = {
     "base": "base (no training)", "grpo": "GRPO + CLIP score (quickstart)", "dpok": "DPOK + CLIP score", "refl": "ReFL + preference",
     "draft": "DRaFT-2 + preference", "longalign": "LongAlign", "comat": "CoMat", "textcraftor": "TextCraftor",
-    "textcraftor_unet": "TextCraftor + UNet",
+    "textcraftor_unet": "TextCraftor + UNet", "flow_base": "flow base (no training)", "flow_grpo": "Flow-GRPO + detector (flow model)",
 }
 FAMILY_METRICS = ("all_correct", "object_recall", "binding_acc", "count_acc", "spatial_acc", "artifact_rate")
 
@@ -109,6 +114,12 @@ def _digest(cfg: TrainConfig | None, n_per_family: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _base_digest(method: str, n_per_family: int) -> str:
+    # "base-N" for the UNet base keeps the stored row valid; other bases add their name.
+    name = f"base-{n_per_family}" if method == "base" else f"{method}-{n_per_family}"
+    return hashlib.sha256(name.encode()).hexdigest()[:12]
+
+
 def _row(report: dict, summary: dict | None, wall_s: float, digest: str, to_target: dict | None = None) -> dict:
     s = summary or {}  # the base row has no training run
     return {
@@ -137,17 +148,17 @@ def _write_markdown(results: dict, json_out: Path, out_dir: Path) -> None:
     json_out.with_suffix(".md").write_text(md)
 
 
-def evaluate_base(n_per_family: int, out_dir: Path) -> dict:
-    """The untrained base model at the training configs' sampling settings (10 DDIM steps, guidance 3, plain
-    encoding), on the same prompts and noise as every trained row's evaluation."""
+def evaluate_base(method: str, n_per_family: int, out_dir: Path) -> dict:
+    """An untrained base model (`BASE_SETTINGS`: the UNet base at 10 DDIM steps, guidance 3, plain encoding; the flow
+    model at its 40-step ODE), on the same prompts and noise as every trained row's evaluation."""
+    from ralign.diffusion.policy import build_policy
     from ralign.world.evaluation import evaluate_generator
-    from ralign.models.pipeline import load_pipeline
-    from ralign.diffusion.policy import DiffusionPolicy, PolicyConfig
 
-    ref = load_config(TrainConfig, CONFIG_DIR / "draft.yaml").model.policy
-    policy = DiffusionPolicy(load_pipeline("base"), PolicyConfig(unet_lora_rank=0, steps=ref.steps, eta=ref.eta, guidance=ref.guidance))
+    model = load_config(TrainConfig, CONFIG_DIR / BASE_SETTINGS[method]).model
+    policy = build_policy({"pipeline": model.pipeline, "policy": {**model.policy.model_dump(), "unet_lora_rank": 0,
+                                                                  "text_encoder": "frozen"}})
     return evaluate_generator(lambda prompts: policy.generate_images(prompts, seed=0), split="test", n=n_per_family, seed=0,
-                              families=FAMILIES, grid_dir=out_dir / "grids" / "base")
+                              families=FAMILIES, grid_dir=out_dir / "grids" / method)
 
 
 def _fetch_grids(summary: dict, dest: Path) -> None:
@@ -259,7 +270,7 @@ def compare(methods: list[str], out_dir: Path, json_out: Path, n_per_family: int
             results["rows"] = previous.get("rows", {})
     for method in methods:
         cfg = None if METHODS[method] is None else method_config(method, n_per_family, tracking_uri, extra_overrides or [])
-        digest = _digest(cfg, n_per_family)
+        digest = _digest(cfg, n_per_family) if cfg is not None else _base_digest(method, n_per_family)
         if reuse and results["rows"].get(method, {}).get("config_digest") == digest:
             log.info("compare: reusing %s (same config, digest %s)", method, digest)
             continue
@@ -275,7 +286,7 @@ def compare(methods: list[str], out_dir: Path, json_out: Path, n_per_family: int
                 raise ConfigError(f"{PRE_STAGES[method]} writes {sft_cfg.out} but {METHODS[method]} starts from {cfg.model.init_checkpoint}")
             run_sft(sft_cfg)
         if cfg is None:
-            report, summary = evaluate_base(n_per_family, out_dir), None
+            report, summary = evaluate_base(method, n_per_family, out_dir), None
         else:
             summary = train(cfg)
             report = summary["oracle_after"]

@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 
 def run_sft(cfg: SFTConfig) -> dict:
     import mlflow
-    from diffusers import DDPMScheduler
-
     from ralign.algorithms.sft import sft_loss
     from ralign.diffusion.policy import build_policy
     from ralign.world.data import render_samples, sample_stream
@@ -39,7 +37,6 @@ def run_sft(cfg: SFTConfig) -> dict:
     params = policy.trainable_parameters()
     if not params:
         raise ConfigError("nothing to train: model.policy has no LoRA rank and a frozen text encoder")
-    noise_scheduler = DDPMScheduler.from_config(policy.scheduler.config)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     stream = sample_stream(cfg.batch_size, seed=cfg.seed + 17, split=cfg.split, families=cfg.families, family_weights=cfg.family_weights)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -52,7 +49,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         policy.unet.train()
         for step in range(1, cfg.steps + 1):
             samples = next(stream)
-            loss = sft_loss(policy, render_samples(samples), [s.prompt for s in samples], noise_scheduler, generator, cfg.caption_dropout)
+            loss = sft_loss(policy, render_samples(samples), [s.prompt for s in samples], generator, cfg.caption_dropout)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()

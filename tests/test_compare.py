@@ -15,7 +15,7 @@ def test_compare_base_and_comat_tiny(ralign_cli_inprocess, tmp_path, monkeypatch
     # suite has imported. The working directory is the user's, as a subprocess with cwd=tmp_path had it.
     monkeypatch.chdir(tmp_path)
     out, js = tmp_path / "out", tmp_path / "compare.json"
-    args = ["compare", "--methods", "base,comat", "--n", "1", "--out", str(out), "--json", str(js),
+    args = ["compare", "--methods", "base,flow_base,comat", "--n", "1", "--out", str(out), "--json", str(js),
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
             "--set", "train.iterations=1", "--set", f"ray.storage_path={tmp_path / 'ray'}", "--set", "ray.num_cpus=2",
             # request 1 is then a metrics rollout, issued before request 2 that the learner trains on
@@ -23,12 +23,15 @@ def test_compare_base_and_comat_tiny(ralign_cli_inprocess, tmp_path, monkeypatch
     result = ralign_cli_inprocess(*args)
     assert result.exit_code == 0, (result.output[-3000:], result.exception)
     results = json.loads(js.read_text())
-    assert set(results) >= {"machine", "rows"} and set(results["rows"]) == {"base", "comat"}
+    assert set(results) >= {"machine", "rows"} and set(results["rows"]) == {"base", "flow_base", "comat"}
     for method, row in results["rows"].items():
         assert set(row["families"]) == set(FAMILIES)
         assert {"all_correct", "object_recall"} <= set(row["families"]["binding"])
         assert {"kid", "artifact_rate"} <= set(row["fidelity"]) and row["wall_s"] > 0
     assert results["rows"]["base"]["train_reward"] is None
+    # the flow model's base row: its own model at its own sampler (the 40-step ODE), its own grids
+    assert results["rows"]["flow_base"]["config_digest"] != results["rows"]["base"]["config_digest"]
+    assert (out / "grids" / "flow_base" / "grid_binding.png").is_file()
     comat = results["rows"]["comat"]
     assert comat["algorithm"] == "interval" and comat["reward"] == "weighted" and comat["iterations"] == 1
     assert isinstance(comat["train_reward"], float)

@@ -69,12 +69,27 @@ def test_the_engine_builds_flow_policies_by_pipeline_and_refuses_algorithms_that
 
     base = {"model": {"pipeline": "tiny-random-flow", "policy": {"steps": 3}}, "reward": {"name": "colorfulness"},
             "train": {"batch_size": 4, "micro_batch": 2}, "ray": {"request_batch": 2}}
-    for name in ("refl", "draft", "nft", "rsft"):
-        with pytest.raises(ValueError) as info:
-            parse_config(TrainConfig, {**base, "algorithm": {"name": name}})
-        assert f"algorithm.name={name} trains SD-style UNet models only; model.pipeline=tiny-random-flow is a flow-matching " \
-               "transformer model (algorithms for it: dpok, grpo)" in str(info.value)
-    assert parse_config(TrainConfig, {**base, "algorithm": {"name": "dpok"}}).model.family() == "flow"
+    with pytest.raises(ValueError) as info:
+        parse_config(TrainConfig, {**base, "algorithm": {"name": "refl"}})
+    assert "algorithm.name=refl trains SD-style UNet models only; model.pipeline=tiny-random-flow is a flow-matching " \
+           "transformer model (algorithms for it: alignprop, dpok, draft, grpo, interval, nft, rsft)" in str(info.value)
+    for algorithm in ({"name": "dpok"}, {"name": "draft"}, {"name": "nft", "nft": {"group_size": 2}}, {"name": "rsft", "rsft": {"samples_per_prompt": 2}}):
+        assert parse_config(TrainConfig, {**base, "algorithm": algorithm}).model.family() == "flow"
+
+
+def test_the_flow_forward_process_is_the_straight_path_with_the_velocity_as_target():
+    policy = FlowPolicy(tiny_random_flow_pipeline(), PolicyConfig(unet_lora_rank=2, steps=3))
+    x0, noise = torch.randn(64, 4, 8, 8), torch.randn(64, 4, 8, 8)
+    noisy, t, target = policy.noised_for_training(x0, noise, torch.Generator().manual_seed(0), t_min=250)
+    sigma = t / 1000
+    assert t.shape == (64,) and float(sigma.min()) >= 0.25 and float(sigma.max()) < 1.0 and float(sigma.std()) > 0.1
+    s = sigma.view(-1, 1, 1, 1)
+    assert torch.allclose(noisy, (1 - s) * x0 + s * noise) and torch.equal(target, noise - x0)
+    # One Euler step of the ODE from x_sigma with the exact velocity lands on x_0 at sigma = 0.
+    assert torch.allclose(noisy - s * target, x0, atol=1e-5)
+    cond, _ = policy.encode(["a red circle"] * 2)
+    direct = policy.transformer(hidden_states=noisy[:2], timestep=t[:2], encoder_hidden_states=cond[0], pooled_projections=cond[1]).sample
+    assert torch.equal(policy.predict(noisy[:2], t[:2], cond), direct)
 
 
 def test_settings_a_flow_policy_cannot_honour_are_refused():
@@ -148,3 +163,18 @@ def test_sd35_config_loads_a_flow_pipeline_directory_through_the_same_path(tmp_p
                                   timesteps=traj.timesteps, scores=torch.tensor([0.1, 0.9, 0.4, 0.2])))
     assert learner.engine.global_steps == 2 and stats["grad_norm"] > 0  # minibatches: 2 optimiser updates per batch
     assert len(policy.generate_images(["a red circle"])) == 1
+
+
+def test_reward_backprop_on_a_flow_model_refuses_rewards_that_score_cross_attention():
+    from ralign.algorithms.backprop_chain import BackpropSettings, backprop_update
+    from ralign.rewards.base import Reward
+
+    class AttentionScore(Reward):
+        name, differentiable, uses_attention = "attention_score", True, True
+
+        def __call__(self, images, prompts, attention=None):
+            raise AssertionError("never reached")
+
+    policy = FlowPolicy(tiny_random_flow_pipeline(), PolicyConfig(unet_lora_rank=2, steps=3))
+    with pytest.raises(ValueError, match="reward attention_score scores cross-attention maps"):
+        backprop_update(policy, ["a red circle"], [0], AttentionScore(), BackpropSettings(k=1), [2])

@@ -52,9 +52,10 @@ def _ralign(*args: str) -> subprocess.CompletedProcess:
 
 def test_committed_tree_validates(crds):
     checked = k8s.validate_tree(K8S, crds)
-    # 4 files of the base, then what base, toy and sd15 build to (4 objects each)
-    assert len(checked) == 16, checked
+    # 4 files of the base, then what base, toy, sd15 and sd35 build to (4 objects each)
+    assert len(checked) == 20, checked
     assert sum("overlays/sd15 (kustomize build)" in c for c in checked) == 4
+    assert sum("overlays/sd35 (kustomize build)" in c for c in checked) == 4
 
 
 def test_core_objects_validate_without_crds(tmp_path, monkeypatch):
@@ -78,18 +79,17 @@ def test_overlays_build_to_their_own_configs_rendering():
     name, tag = k8s.DEFAULT_IMAGE.rsplit(":", 1)
     for overlay, config in k8s.DEFAULT_OVERLAYS.items():
         built = _by_key(k8s.build_kustomization(K8S / "overlays" / overlay))
-        gpu = overlay == "sd15"
+        gpu = overlay in ("sd15", "sd35")
         direct = _by_key(k8s.render_manifests(config, k8s.DEFAULT_SERVE_CONFIG, image=f"{name}:{tag}{'-gpu' if gpu else ''}").values())
         assert built == direct, overlay
-    job = built[("RayJob", k8s.TRAIN_JOB)]
-    assert "--config /app/jobs/configs/sd15.yaml" in job["spec"]["entrypoint"]
+        assert f"--config /app/{config}" in built[("RayJob", k8s.TRAIN_JOB)]["spec"]["entrypoint"]
 
 
 def test_kubectl_kustomize_agrees_with_the_builtin_build():
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("no kubectl on this machine; the built-in build (resources, images, JSON 6902 patches) is checked alone")
-    for d in ("base", "overlays/toy", "overlays/sd15"):
+    for d in ("base", "overlays/toy", "overlays/sd15", "overlays/sd35"):
         proc = subprocess.run([kubectl, "kustomize", str(K8S / d)], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0 and "unknown command" in proc.stderr:
             pytest.skip(f"this kubectl has no kustomize: {proc.stderr.strip()[:200]}")
@@ -113,6 +113,14 @@ def test_job_shape_follows_the_configs():
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "1"}
     assert gpu["template"]["spec"]["containers"][0]["image"] == k8s.DEFAULT_IMAGE + "-gpu"
     assert sd15[("ConfigMap", k8s.MLFLOW_CONFIGMAP)]["data"]["MLFLOW_TRACKING_URI"] == "http://mlflow.mlflow.svc:5000"
+    sd35 = _by_key(k8s.build_kustomization(K8S / "overlays" / "sd35"))
+    spec = sd35[("RayJob", k8s.TRAIN_JOB)]["spec"]
+    groups = {g["groupName"]: g for g in spec["rayClusterSpec"]["workerGroupSpecs"]}
+    # sd35 (Flow-GRPO's scale): 8 learners + 16 samplers (1 GPU each) + 4 reward actors (0.5 GPU) -> 8 + 16 + 2 pods,
+    # and the hub id of SD3.5-Medium needs the hub (HF_HUB_OFFLINE=0)
+    assert groups["gpu"]["maxReplicas"] == 26 and groups["cpu"]["maxReplicas"] == 0
+    env = {e["name"]: e["value"] for e in groups["gpu"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
+    assert env["HF_HUB_OFFLINE"] == "0"
 
 
 def test_packing():

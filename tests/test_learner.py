@@ -50,17 +50,24 @@ def dpok_batch(learner: Learner) -> Chains:
                   timesteps=traj.timesteps, scores=scores)
 
 
-@pytest.mark.parametrize("name", ["refl", "draft", "alignprop", "interval"])
-def test_gradient_algorithms_update_through_deepspeed(name):
-    cfg = make_cfg(algorithm__name=name, algorithm__backprop__interval=2)
+@pytest.mark.parametrize("name,pipeline", [("refl", "tiny-random"), ("draft", "tiny-random"), ("alignprop", "tiny-random"),
+                                           ("interval", "tiny-random"),
+                                           # DRaFT-K and its kin on a flow model: the SDE chain, backpropagated
+                                           ("draft", "tiny-random-flow"), ("alignprop", "tiny-random-flow")])
+def test_gradient_algorithms_update_through_deepspeed(name, pipeline):
+    cfg = make_cfg(algorithm__name=name, algorithm__backprop__interval=2, model__pipeline=pipeline)
     learner = make_learner(cfg, ColorfulnessReward())
+    before = learner.policy.trainable_state()
     stats = learner.update(Prefixes.from_prompts(PROMPTS, SEEDS))
     assert learner.engine.global_steps == 1 and stats["quarantined"] == 0
     assert stats["reward_mean"] > 0 and stats["grad_norm"] > 0
+    after = learner.policy.trainable_state()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_handed_over_prefix_is_the_start_of_the_full_chain():
-    cfg = make_cfg()
+@pytest.mark.parametrize("pipeline", ["tiny-random", "tiny-random-flow"])
+def test_handed_over_prefix_is_the_start_of_the_full_chain(pipeline):
+    cfg = make_cfg(model__pipeline=pipeline)
     policy = build_policy(cfg.policy_spec())
     full = policy.sample(PROMPTS[:2], SEEDS[:2], decode=False)
     for k in (0, 2, 3):

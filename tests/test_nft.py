@@ -35,17 +35,18 @@ def test_at_the_old_policy_the_gradient_is_the_denoising_gradient_times_two_r_mi
     assert torch.equal(e_theta.grad[1], torch.zeros(4, 2, 2))  # a sample as good as its group: no gradient
 
 
-def make_cfg(**nft) -> TrainConfig:
+def make_cfg(pipeline: str = "tiny-random", **nft) -> TrainConfig:
     return parse_config(TrainConfig, {
-        "model": {"pipeline": "tiny-random", "policy": {"unet_lora_rank": 4, "steps": 3}},
+        "model": {"pipeline": pipeline, "policy": {"unet_lora_rank": 4, "steps": 3}},
         "algorithm": {"name": "nft", "nft": {"group_size": 2, **nft}},
         "reward": {"name": "colorfulness"}, "train": {"batch_size": 4, "micro_batch": 2, "lr": 1e-2},
         "ray": {"request_batch": 2},
     })
 
 
-def test_an_update_learns_the_better_image_of_each_group_and_unlearns_the_worse():
-    cfg = make_cfg(kl_weight=0.1, adv_clip=0.5)  # every advantage saturates: r is 1 or 0
+@pytest.mark.parametrize("pipeline", ["tiny-random", "tiny-random-flow"])  # the UNet's noise, the flow's velocity
+def test_an_update_learns_the_better_image_of_each_group_and_unlearns_the_worse(pipeline):
+    cfg = make_cfg(pipeline, kl_weight=0.1, adv_clip=0.5)  # every advantage saturates: r is 1 or 0
     seed_lora_init()
     learner = Learner(cfg, build_policy(cfg.policy_spec()))
     policy = learner.policy
@@ -54,19 +55,18 @@ def test_an_update_learns_the_better_image_of_each_group_and_unlearns_the_worse(
     x0 = traj.latents[:, -1]
     scores = torch.tensor([0.9, 0.1, 0.2, 0.8])  # samples 0 and 3 beat their group
 
-    from diffusers import DDPMScheduler
-
-    noise_scheduler = DDPMScheduler.from_config(policy.scheduler.config)
-    probe = torch.Generator().manual_seed(5)
-    noise = torch.randn((8, *x0.shape), generator=probe)
-    t = torch.randint(0, 1000, (8, 4), generator=probe)
+    probe_noise = torch.randn((8, *x0.shape), generator=torch.Generator().manual_seed(5))
 
     def denoising_losses() -> torch.Tensor:
+        """Each image's pretraining loss, averaged over 8 fixed (noise, training time) draws."""
+        times = torch.Generator().manual_seed(6)
         with torch.no_grad():
             cond, _ = policy.encode(prompts)
-            return torch.stack([F.mse_loss(policy.unet(noise_scheduler.add_noise(x0, noise[j], t[j]), t[j],
-                                                       encoder_hidden_states=cond).sample, noise[j], reduction="none")
-                                .flatten(1).mean(1) for j in range(8)]).mean(0)
+            losses = []
+            for j in range(8):
+                noisy, t, target = policy.noised_for_training(x0, probe_noise[j], times)
+                losses.append(F.mse_loss(policy.predict(noisy, t, cond), target, reduction="none").flatten(1).mean(1))
+            return torch.stack(losses).mean(0)
 
     before = denoising_losses()
     for _ in range(3):
@@ -82,7 +82,7 @@ def test_an_update_learns_the_better_image_of_each_group_and_unlearns_the_worse(
 
     # Rewards that do not differ within a group carry no signal: r = 1/2 everywhere and, without the KL term, no
     # gradient at all.
-    flat = Learner(make_cfg(), build_policy(make_cfg().policy_spec()))
+    flat = Learner(make_cfg(pipeline), build_policy(make_cfg(pipeline).policy_spec()))
     stats = flat.update(Chains([0, 1, 2, 3], prompts, seeds, [0] * 4, latents=traj.latents, log_probs=traj.log_probs,
                                timesteps=traj.timesteps, scores=torch.tensor([0.3, 0.3, 0.7, 0.7])))
     assert stats["optimality_abs_dev"] == 0.0 and stats["grad_norm"] == 0.0

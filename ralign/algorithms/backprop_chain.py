@@ -1,13 +1,14 @@
 """Direct reward backpropagation through the sampling chain: what DRaFT-K (draft.py), AlignProp (alignprop.py) and
-the interval scheme of CoMat and LongAlign (interval.py) share. They differ only in which denoising steps carry
+the interval scheme of CoMat and LongAlign (interval.py) share, on either policy family. They differ only in which denoising steps carry
 gradient into the trainable weights; their settings are one section, `algorithm.backprop`.
 
 Everything before the first gradient step is a no-gradient prefix; it can run in a sampler actor and be handed over
 (`start_latents`, `start_step`). Between gradient steps the UNet runs without parameter gradient but the latent path
 stays differentiable, so gradient from the reward reaches the earlier gradient steps through the chain. TextCraftor
 trains the text encoder with DRaFT: the prefix uses the original encoder's embeddings, the gradient steps the tuned
-encoder's. UNet calls with gradient are checkpointed, so memory grows with the number of gradient steps by one latent
-per step, not by one UNet's activations per step.
+encoder's. Network calls with gradient are checkpointed, so memory grows with the number of gradient steps by one
+latent per step, not by one network's activations per step. The steps are the policy's own: DDIM over the UNet, or
+Flow-GRPO's SDE (the ODE at eta 0) over a flow model's transformer, which is DRaFT-K on a flow model.
 
 Rewards that need more than the final images (CoMat, ralign/rewards/base.py) get them from here: the cross-attention
 maps of `attention_steps` randomly chosen gradient steps (those UNet calls run un-checkpointed, with recording
@@ -22,17 +23,16 @@ from typing import TYPE_CHECKING
 
 import torch
 from pydantic import Field
-from torch.utils.checkpoint import checkpoint
 
 from ralign.algorithms.base import GradientAlgorithm, UpdateContext
 from ralign.config import StrictModel
 from ralign.diffusion.attention_capture import AttentionStore
-from ralign.diffusion.sampler import ddim_step_with_logprob, decode_latents, guided_noise
 from ralign.diffusion.seeding import initial_noise, step_generator
 from ralign.diffusion.text_encoding import token_offsets
 from ralign.rewards.base import Reward, finite_mask, quarantine_records
 
 if TYPE_CHECKING:
+    from ralign.diffusion.flow_policy import FlowPolicy
     from ralign.diffusion.policy import DiffusionPolicy
     from ralign.rollout.batch import Prefixes
 
@@ -46,19 +46,8 @@ class BackpropSettings(StrictModel):
     attention_steps: int = Field(2, ge=1)  # rewards that score cross-attention (CoMat): gradient steps whose maps are captured
 
 
-def _unet_eps(policy: "DiffusionPolicy", x, t, cond, uncond, use_checkpoint: bool):
-    if use_checkpoint:
-        return checkpoint(guided_noise, policy.unet, x, t, cond, uncond, policy.cfg.guidance, use_reentrant=False)
-    return guided_noise(policy.unet, x, t, cond, uncond, policy.cfg.guidance)
-
-
-def _ddim_deterministic(policy: "DiffusionPolicy", eps: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
-    # eta = 0: diffusers' own DDIM step is differentiable in eps and x.
-    return policy.scheduler.step(eps, t, x, eta=0.0).prev_sample
-
-
 def run_chain(
-    policy: "DiffusionPolicy",
+    policy: "DiffusionPolicy | FlowPolicy",
     prompts: Sequence[str],
     start_latents: torch.Tensor,
     start_step: int,
@@ -69,9 +58,10 @@ def run_chain(
     attention_steps: Sequence[int] = (),
 ) -> tuple[torch.Tensor, list[dict[str, list[torch.Tensor]]]]:
     """Final latents x_0 from `start_latents` at `start_step`, with gradient through `grad_steps`, and the
-    cross-attention maps of `attention_steps` (a subset of `grad_steps`) when an `attention_store` is given."""
+    cross-attention maps of `attention_steps` (a subset of `grad_steps`) when an `attention_store` is given. Each
+    step is the policy's own `chain_output` and `chain_transition` (DDIM for the UNet policy, Flow-GRPO's SDE or the
+    ODE for a flow policy)."""
     steps = policy.cfg.steps
-    policy.scheduler.set_timesteps(steps)
     grad_set = set(grad_steps)
     first_grad = min(grad_set) if grad_set else steps
     with torch.no_grad():
@@ -80,23 +70,26 @@ def run_chain(
     x = start_latents
     maps = []
     for k in range(start_step, steps):
-        t = int(policy.scheduler.timesteps[k])
         if k in grad_set and attention_store is not None and k in attention_steps:
             with attention_store.capture():
-                eps = guided_noise(policy.unet, x, t, cond, uncond, policy.cfg.guidance)
+                out = policy.chain_output(x, k, cond, uncond)
             maps.append(attention_store.maps(len(prompts)))
             attention_store.clear()
         elif k in grad_set:
-            eps = _unet_eps(policy, x, t, cond, uncond, cfg.checkpointing)
+            out = policy.chain_output(x, k, cond, uncond, checkpointed=cfg.checkpointing)
         else:
             with torch.no_grad():
-                c, u = (plain_cond, plain_uncond) if k < first_grad else (cond.detach(), uncond.detach())
-                eps = guided_noise(policy.unet, x, t, c, u, policy.cfg.guidance)
-        x = ddim_step_with_logprob(policy.scheduler, eps, t, x, policy.cfg.eta, generator=generator).prev_sample \
-            if policy.cfg.eta > 0 else _ddim_deterministic(policy, eps, t, x)
+                c, u = (plain_cond, plain_uncond) if k < first_grad else (_detached(cond), _detached(uncond))
+                out = policy.chain_output(x, k, c, u)
+        x = policy.chain_transition(out, k, x, generator)
         if k < first_grad:
             x = x.detach()
     return x, maps
+
+
+def _detached(embeddings):
+    # A flow policy's embeddings are (token states, pooled).
+    return tuple(e.detach() for e in embeddings) if isinstance(embeddings, tuple) else embeddings.detach()
 
 
 def pick_attention_steps(grad_steps: Sequence[int], count: int, generator: torch.Generator | None) -> list[int]:
@@ -106,7 +99,7 @@ def pick_attention_steps(grad_steps: Sequence[int], count: int, generator: torch
 
 
 def backprop_update(
-    policy: "DiffusionPolicy",
+    policy: "DiffusionPolicy | FlowPolicy",
     prompts: Sequence[str],
     seeds: Sequence[int],
     reward: Reward,
@@ -125,12 +118,15 @@ def backprop_update(
         start_latents = initial_noise(policy.latent_shape(), seeds, device=policy.device)
     inputs, store, attention_steps = {}, None, []
     if reward.uses_attention and grad_steps:
+        if policy.family != "unet":
+            raise ValueError(f"reward {reward.name} scores cross-attention maps, which are recorded from a UNet's attention "
+                             "processors; a flow model's joint attention has none (use a reward of the final images)")
         if policy.cfg.text_encoding != "plain":
             raise ValueError("attention-based rewards need token positions of the plain text encoding, not segment encoding")
         store = AttentionStore(policy.unet)
         attention_steps = pick_attention_steps(grad_steps, cfg.attention_steps, generator)
     x0, maps = run_chain(policy, prompts, start_latents, start_step, grad_steps, cfg, generator, store, attention_steps)
-    images = decode_latents(policy.vae, x0)
+    images = policy.decode(x0)
     if store is not None:
         inputs["attention"] = {"maps": maps, "token_offsets": [token_offsets(policy.tokenizer, p) for p in prompts]}
     if reward.uses_latents:
@@ -153,7 +149,7 @@ def backprop_update(
 
 
 @torch.no_grad()
-def frozen_model_latents(policy: "DiffusionPolicy", prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+def frozen_model_latents(policy: "DiffusionPolicy | FlowPolicy", prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
     """What the pretrained model (adapters off, original text encoder) generates for these prompts and noise."""
     x_T = initial_noise(policy.latent_shape(), seeds, device=policy.device)
     with policy.reference():
@@ -166,6 +162,7 @@ class BackpropAlgorithm(GradientAlgorithm):
 
     section = "backprop"
     Settings = BackpropSettings
+    model_families = ("unet", "flow")  # the chain is the policy's own (`chain_output`, `chain_transition`)
 
     def original_text_prefix(self) -> bool:
         # TextCraftor: a run that tunes the text encoder starts its chains with the original encoder.

@@ -3,18 +3,21 @@ its own chains with the pretraining (denoising) loss, contrasting an implicit po
 log-probability of the sampler is used, so any sampler (eta 0 too) will do and no chain is re-run.
 
 For each sample x_0 with optimality r in [0, 1] (from its group-relative advantage A: r = 1/2 + 1/2 clip(A / c, -1, 1)),
-noise it at a uniformly drawn DDPM timestep, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, and with the network's
-noise prediction e_theta and the prediction e_old of the policy that started the update (no gradient):
+noise it at a uniformly drawn training time (the policy's forward process, `noised_for_training`: DDPM's
+x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps for the UNet, the straight path x_sigma = (1 - sigma) x_0 + sigma eps for
+a flow model) and with the network's prediction p_theta (noise, or velocity eps - x_0) and the prediction p_old of
+the policy that started the update (no gradient):
 
-    e_plus  = (1 - beta) e_old + beta e_theta              (the implicit positive policy)
-    e_minus = (1 + beta) e_old - beta e_theta              (the implicit negative policy)
-    loss    = [ r |e_plus - eps|^2 + (1 - r) |e_minus - eps|^2 ] / beta   (+ kl_weight |e_theta - e_ref|^2)
+    p_plus  = (1 - beta) p_old + beta p_theta              (the implicit positive policy)
+    p_minus = (1 + beta) p_old - beta p_theta              (the implicit negative policy)
+    loss    = [ r |p_plus - target|^2 + (1 - r) |p_minus - target|^2 ] / beta   (+ kl_weight |p_theta - p_ref|^2)
 
-with squared norms averaged over the latent's dimensions. At e_theta = e_old its gradient is (2r - 1) times the
+with squared norms averaged over the latent's dimensions. At p_theta = p_old its gradient is (2r - 1) times the
 denoising loss's: images better than their group are learnt, worse ones unlearnt. The paper writes it for a
-velocity-predicting flow model; for the epsilon-predicting UNet here the same construction is applied to the noise
-prediction, which is an affine function of x_0's prediction at fixed x_t, so the implicit policies are the same.
-Training is CFG-free (the conditional prediction only), as in the paper; sampling keeps the policy's guidance.
+velocity-predicting flow model (the flow policy here is that case); for the epsilon-predicting UNet the same
+construction is applied to the noise prediction, which is an affine function of x_0's prediction at fixed x_t, so the
+implicit policies are the same. Training is CFG-free (the conditional prediction only), as in the paper; sampling
+keeps the policy's guidance.
 
 Why it is here (benchmarks/results/quickstart.md): on four fixed prompts with 64 samples per update, GRPO with the
 detector reward lowered that reward (0.59 -> 0.33 at lr 5e-3, 0.59 -> 0.42 at 1e-3; so did random rewards: the
@@ -44,7 +47,7 @@ class NFTSettings(StrictModel):
     adv_clip: float = Field(2.0, gt=0.0)  # c: advantages at +-c and beyond give r = 1 or 0
     beta: float = Field(1.0, gt=0.0)  # strength of the implicit policies' step away from e_old
     kl_weight: float = Field(0.0, ge=0.0)  # pull of e_theta towards the adapter-off reference (same noisy latents)
-    t_min: int = Field(0, ge=0, lt=1000)  # lowest DDPM timestep trained on
+    t_min: int = Field(0, ge=0, lt=1000)  # lowest training timestep (DDPM's; a flow model's sigma from t_min / 1000)
     minibatches: int = Field(1, ge=1)  # optimiser updates per pass over the batch
     inner_epochs: int = Field(1, ge=1)  # passes over one batch (each with the noise drawn at its start)
     eps: float = Field(1e-4, gt=0.0)  # added to the advantage's standard deviation
@@ -55,11 +58,12 @@ def optimality(advantages: torch.Tensor, adv_clip: float) -> torch.Tensor:
     return 0.5 + 0.5 * (advantages / adv_clip).clamp(-1.0, 1.0)
 
 
-def nft_loss(e_theta: torch.Tensor, e_old: torch.Tensor, noise: torch.Tensor, r: torch.Tensor, beta: float
+def nft_loss(e_theta: torch.Tensor, e_old: torch.Tensor, target: torch.Tensor, r: torch.Tensor, beta: float
              ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The mean over the micro-batch of [r |e+ - eps|^2 + (1 - r) |e- - eps|^2] / beta (per-dimension means)."""
-    positive = ((1 - beta) * e_old + beta * e_theta - noise).pow(2).flatten(1).mean(1)
-    negative = ((1 + beta) * e_old - beta * e_theta - noise).pow(2).flatten(1).mean(1)
+    """The mean over the micro-batch of [r |e+ - target|^2 + (1 - r) |e- - target|^2] / beta (per-dimension means);
+    the target is the noise for the UNet and the velocity noise - x_0 for a flow model."""
+    positive = ((1 - beta) * e_old + beta * e_theta - target).pow(2).flatten(1).mean(1)
+    negative = ((1 + beta) * e_old - beta * e_theta - target).pow(2).flatten(1).mean(1)
     loss = ((r * positive + (1 - r) * negative) / beta).mean()
     return loss, {"positive_loss": positive.mean().item(), "negative_loss": negative.mean().item()}
 
@@ -68,6 +72,7 @@ class NFT(RolloutAlgorithm):
     name = "nft"
     section = "nft"
     Settings = NFTSettings
+    model_families = ("unet", "flow")  # it reads the policy's forward process (`noised_for_training`, `predict`)
     needs_log_probs = False  # it learns from final images only
 
     @classmethod
@@ -79,19 +84,11 @@ class NFT(RolloutAlgorithm):
         super().check(cfg)
         check_minibatches(cls.section, cfg.algorithm.settings_of(cls.section).minibatches, cfg.train)
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.noise_scheduler = None  # the policy's own noise schedule, built at the first update
-
     def micro_batches_per_update(self) -> int:
         return self.cfg.train.batch_size // self.settings.minibatches // self.cfg.train.micro_batch
 
     def update(self, batch: Chains, ctx: UpdateContext) -> dict[str, float]:
         s, policy = self.settings, ctx.policy
-        if self.noise_scheduler is None:
-            from diffusers import DDPMScheduler
-
-            self.noise_scheduler = DDPMScheduler.from_config(policy.scheduler.config)
         scores = torch.as_tensor(batch.scores).float()
         advantages = batch_advantages(scores, [i // s.group_size for i in batch.ids], s.advantage_std, s.eps, ctx.gather)
         r = optimality(advantages, s.adv_clip).to(policy.device)
@@ -102,8 +99,7 @@ class NFT(RolloutAlgorithm):
         passes = 0
         for _ in range(s.inner_epochs):
             noise = torch.randn(x0.shape, generator=ctx.generator).to(x0)
-            t = torch.randint(s.t_min, self.noise_scheduler.config.num_train_timesteps, (n,), generator=ctx.generator).to(x0.device)
-            noisy = self.noise_scheduler.add_noise(x0, noise, t)
+            noisy, t, target = policy.noised_for_training(x0, noise, ctx.generator, s.t_min)
             # e_old and e_ref for the whole pass before any optimiser step: the policy that started it, and the
             # reference, each on the same noisy latents.
             with torch.no_grad():
@@ -118,8 +114,8 @@ class NFT(RolloutAlgorithm):
                 for lo in range(0, len(chosen), mb):
                     idx = chosen[lo: lo + mb]
                     cond, _ = policy.encode([batch.prompts[i] for i in idx])
-                    e_theta = policy.unet(noisy[idx], t[idx], encoder_hidden_states=cond).sample
-                    loss, stats = nft_loss(e_theta, e_old[idx], noise[idx], r[idx], s.beta)
+                    e_theta = policy.predict(noisy[idx], t[idx], cond)
+                    loss, stats = nft_loss(e_theta, e_old[idx], target[idx], r[idx], s.beta)
                     stats["policy_loss"] = loss.item()
                     if e_ref is not None:
                         kl = (e_theta - e_ref[idx]).pow(2).mean()
@@ -144,6 +140,6 @@ class NFT(RolloutAlgorithm):
         for lo in range(0, len(indices), mb):
             idx = indices[lo: lo + mb]
             cond, _ = policy.encode([prompts[i] for i in idx])
-            out.append(policy.unet(noisy[idx], t[idx], encoder_hidden_states=cond).sample)
+            out.append(policy.predict(noisy[idx], t[idx], cond))
         return torch.cat(out)
 

@@ -26,7 +26,7 @@ from ralign.rollout.batch import Chains
 class RSFTSettings(StrictModel):
     samples_per_prompt: int = Field(8, ge=2)  # N
     top_k: int = Field(1, ge=1)  # kept per prompt
-    t_min: int = Field(0, ge=0, lt=1000)  # lowest DDPM timestep trained on
+    t_min: int = Field(0, ge=0, lt=1000)  # lowest training timestep (DDPM's; a flow model's sigma from t_min / 1000)
     anchor_weight: float = Field(0.0, ge=0.0)
     inner_epochs: int = Field(1, ge=1)  # optimiser updates per batch (each on fresh noise)
     caption_dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -46,6 +46,7 @@ class RSFT(RolloutAlgorithm):
     name = "rsft"
     section = "rsft"
     Settings = RSFTSettings
+    model_families = ("unet", "flow")  # it reads the policy's forward process (`noised_for_training`, `predict`)
     needs_log_probs = False  # it learns from final images only: any sampler (eta 0 too) will do
 
     @classmethod
@@ -60,19 +61,11 @@ class RSFT(RolloutAlgorithm):
             raise ValueError(f"algorithm.rsft.top_k={s.top_k} keeps every one of samples_per_prompt={s.samples_per_prompt}: "
                              "nothing is rejected")
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.noise_scheduler = None  # the policy's own noise schedule, built at the first update
-
     def backwards_per_update(self) -> int:
         return self.micro_batches_per_update()
 
     def update(self, batch: Chains, ctx: UpdateContext) -> dict[str, float]:
         s, policy = self.settings, ctx.policy
-        if self.noise_scheduler is None:
-            from diffusers import DDPMScheduler
-
-            self.noise_scheduler = DDPMScheduler.from_config(policy.scheduler.config)
         scores = torch.as_tensor(batch.scores).float()
         kept = top_k_per_group(scores, [i // s.samples_per_prompt for i in batch.ids], s.top_k)
         kept_set = set(kept)
@@ -87,8 +80,7 @@ class RSFT(RolloutAlgorithm):
                 loss = torch.zeros((), device=policy.device)
                 if mine:
                     prompts = ["" if torch.rand((), generator=ctx.generator) < s.caption_dropout else batch.prompts[i] for i in mine]
-                    sft = denoising_loss(policy, x0[mine], prompts, self.noise_scheduler, ctx.generator,
-                                         (s.t_min, self.noise_scheduler.config.num_train_timesteps))
+                    sft = denoising_loss(policy, x0[mine], prompts, ctx.generator, s.t_min)
                     loss = loss + sft * len(mine) / len(kept) * (len(batch) / ctx.micro_batch)
                     totals["sft_loss"] += sft.item() * len(mine) / len(kept)
                 if s.anchor_weight > 0:
@@ -105,10 +97,8 @@ class RSFT(RolloutAlgorithm):
 
     def _anchor_loss(self, policy, x0: torch.Tensor, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
         noise = torch.randn(x0.shape, generator=generator).to(x0)
-        t = torch.randint(self.settings.t_min, self.noise_scheduler.config.num_train_timesteps, (len(prompts),),
-                          generator=generator).to(x0.device)
-        noisy = self.noise_scheduler.add_noise(x0, noise, t)
+        noisy, t, _ = policy.noised_for_training(x0, noise, generator, self.settings.t_min)
         cond, _ = policy.encode(prompts)
         with torch.no_grad(), policy.reference():
-            reference = policy.unet(noisy, t, encoder_hidden_states=policy.encode(prompts)[0]).sample
-        return F.mse_loss(policy.unet(noisy, t, encoder_hidden_states=cond).sample, reference)
+            reference = policy.predict(noisy, t, policy.encode(prompts)[0])
+        return F.mse_loss(policy.predict(noisy, t, cond), reference)

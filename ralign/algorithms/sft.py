@@ -18,28 +18,24 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from diffusers import DDPMScheduler
-
     from ralign.diffusion.policy import DiffusionPolicy
 
 
-def sft_loss(policy: "DiffusionPolicy", images: torch.Tensor, prompts: Sequence[str], noise_scheduler: "DDPMScheduler",
-             generator: torch.Generator, caption_dropout: float = 0.1) -> torch.Tensor:
+def sft_loss(policy: "DiffusionPolicy", images: torch.Tensor, prompts: Sequence[str], generator: torch.Generator,
+             caption_dropout: float = 0.1) -> torch.Tensor:
     """images (B, 3, H, W) in [-1, 1] (the VAE's range); the caller steps the optimiser."""
     keep = torch.rand(len(prompts), generator=generator) >= caption_dropout
     prompts = [p if k else "" for p, k in zip(prompts, keep.tolist())]
     with torch.no_grad():
         latents = policy.vae.encode(images.to(policy.device)).latent_dist.sample(generator) * policy.vae.config.scaling_factor
-    return denoising_loss(policy, latents, prompts, noise_scheduler, generator)
+    return denoising_loss(policy, latents, prompts, generator)
 
 
-def denoising_loss(policy: "DiffusionPolicy", latents: torch.Tensor, prompts: Sequence[str], noise_scheduler: "DDPMScheduler",
-                   generator: torch.Generator, t_range: tuple[int, int] | None = None) -> torch.Tensor:
-    """The pretraining loss on (scaled) latents x_0: noise them at a uniformly drawn DDPM timestep (from `t_range`,
-    [low, high), when given) and regress the noise."""
-    low, high = t_range or (0, noise_scheduler.config.num_train_timesteps)
+def denoising_loss(policy, latents: torch.Tensor, prompts: Sequence[str], generator: torch.Generator,
+                   t_min: int = 0) -> torch.Tensor:
+    """The pretraining loss on a policy's latents x_0 (either family: the policy's `noised_for_training` draws the
+    training time from t_min up and names the target: the noise for the UNet, the velocity for a flow model)."""
     cond, _ = policy.encode(prompts)
     noise = torch.randn(latents.shape, generator=generator).to(latents)
-    t = torch.randint(low, high, (len(prompts),), generator=generator).to(latents.device)
-    noisy = noise_scheduler.add_noise(latents, noise, t)
-    return F.mse_loss(policy.unet(noisy, t, encoder_hidden_states=cond).sample, noise)
+    noisy, t, target = policy.noised_for_training(latents, noise, generator, t_min)
+    return F.mse_loss(policy.predict(noisy, t, cond), target)

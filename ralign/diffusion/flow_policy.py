@@ -17,9 +17,11 @@ from collections.abc import Iterator, Sequence
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from peft import LoraConfig
+from torch.utils.checkpoint import checkpoint
 
 from ralign.config import UserError
-from ralign.diffusion.flow_sampler import check_flow_scheduler, flow_grid, flow_sde_step_with_logprob, guided_velocity, sample_flow_chain
+from ralign.diffusion.flow_sampler import (check_flow_scheduler, flow_grid, flow_ode_step, flow_sde_step_with_logprob,
+                                           guided_velocity, sample_flow_chain)
 from ralign.diffusion.sampler import StepOutput, Trajectory
 from ralign.diffusion.seeding import initial_noise, step_generator
 from ralign.diffusion.trainable import copy_trainable_state, weights_fingerprint
@@ -121,6 +123,37 @@ class FlowPolicy:
         return Trajectory(list(prompts), latents, log_probs, means, stds, ts, images)
 
     @torch.no_grad()
+    def sample_prefix(self, prompts: Sequence[str], seeds: Sequence[int], stop_step: int, original_text: bool = False) -> torch.Tensor:
+        """Latents after the first `stop_step` SDE steps of the chain, without gradient (what a sampler actor runs
+        for a direct-backprop algorithm); the same noise as `sample` draws for these seeds. The text encoders are
+        frozen, so `original_text` changes nothing."""
+        cond, uncond = self.encode(prompts)
+        x_T = initial_noise(self.latent_shape(), seeds, dtype=cond[0].dtype, device=self.device)
+        if stop_step <= 0:
+            return x_T
+        latents, *_ = sample_flow_chain(self.transformer, self.scheduler, cond, uncond, x_T, steps=self.cfg.steps,
+                                        noise_level=self.cfg.eta, guidance=self.cfg.guidance, generator=step_generator(seeds),
+                                        stop_step=stop_step)
+        return latents[:, -1]
+
+    def chain_output(self, x: torch.Tensor, k: int, cond, uncond, *, checkpointed: bool = False) -> torch.Tensor:
+        """The guided velocity at step k of the `steps`-step training chain (direct reward backpropagation, DRaFT-K);
+        `checkpointed` recomputes the transformer's activations in backward."""
+        timesteps, _ = flow_grid(self.scheduler, self.cfg.steps)
+        if checkpointed:
+            return checkpoint(guided_velocity, self.transformer, x, timesteps[k], cond, uncond, self.cfg.guidance, use_reentrant=False)
+        return guided_velocity(self.transformer, x, timesteps[k], cond, uncond, self.cfg.guidance)
+
+    def chain_transition(self, velocity: torch.Tensor, k: int, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_{k+1} from x_k and the step's velocity, differentiable in both: the SDE step at noise level eta (its noise
+        a constant of the graph), the ODE's Euler step at eta 0."""
+        _, sigmas = flow_grid(self.scheduler, self.cfg.steps)
+        sigmas = sigmas.to(x.device)
+        if self.cfg.eta > 0:
+            return flow_sde_step_with_logprob(velocity, sigmas, k, x, self.cfg.eta, generator=generator).prev_sample
+        return flow_ode_step(velocity, sigmas, k, x)
+
+    @torch.no_grad()
     def generate_images(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 32) -> list:
         """uint8 images through diffusers' StableDiffusion3Pipeline with this policy's parts (adapters on): the ODE at
         `eval_steps`; image i depends only on (seed, i), as in `ralign eval`."""
@@ -149,6 +182,22 @@ class FlowPolicy:
         k = matches[0]
         velocity = guided_velocity(self.transformer, latents, timesteps[k], cond, uncond, self.cfg.guidance)
         return flow_sde_step_with_logprob(velocity, sigmas.to(latents.device), k, latents, self.cfg.eta, prev_sample=prev_sample)
+
+    # ---- the forward (noising) process, for losses on clean latents (NFT, rejection sampling) -------------------
+    def noised_for_training(self, x0: torch.Tensor, noise: torch.Tensor, generator: torch.Generator,
+                            t_min: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_sigma, t, target) on the straight path x_sigma = (1 - sigma) x_0 + sigma noise, with sigma drawn
+        uniformly from [t_min / T, 1) (DiffusionNFT's choice; T = the scheduler's num_train_timesteps, so `t_min` reads
+        as the DDPM-style timestep of the UNet policy), t = T sigma as the transformer takes it, and the velocity
+        noise - x_0 it predicts."""
+        total = self.scheduler.config.num_train_timesteps
+        sigma = (t_min / total + (1 - t_min / total) * torch.rand(len(x0), generator=generator)).to(x0)
+        s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+        return (1 - s) * x0 + s * noise, sigma * total, noise - x0
+
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The transformer's conditional velocity (no guidance) at the training times of `noised_for_training`."""
+        return self.transformer(hidden_states=noisy, timestep=t, encoder_hidden_states=cond[0], pooled_projections=cond[1]).sample
 
     # ---- trainable weights --------------------------------------------------------------------------------------
     def trainable_modules(self) -> dict[str, torch.nn.Module]:

@@ -13,8 +13,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from peft import LoraConfig
+from torch.utils.checkpoint import checkpoint
 
 from ralign.config import MissingPathError, UserError
 from ralign.diffusion.sampler import StepOutput, Trajectory, check_scheduler, ddim_step_with_logprob, decode_latents, guided_noise, sample_chain
@@ -38,6 +39,7 @@ class DiffusionPolicy:
         self.text_encoder = pipe.text_encoder
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         check_scheduler(self.scheduler, cfg.eta, cfg.steps)
+        self.training_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the forward process
         self.version = 0
         self.mixed_text_encoders: list[tuple[float, torch.nn.Module]] = []  # other tuned encoders to blend in
         for module in (self.unet, self.vae, self.text_encoder):
@@ -214,6 +216,34 @@ class DiffusionPolicy:
     def noise_pred(self, latents: torch.Tensor, timestep: int, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         return guided_noise(self.unet, latents, timestep, cond, uncond, self.cfg.guidance)
 
+    # Direct reward backpropagation runs the training chain as output -> transition per step, so that a step whose
+    # weights take no gradient (its output computed under no_grad) still passes gradient along the latent path.
+    def chain_output(self, x: torch.Tensor, k: int, cond: torch.Tensor, uncond: torch.Tensor, *,
+                     checkpointed: bool = False) -> torch.Tensor:
+        """The guided noise prediction at step k of the `steps`-step training chain; `checkpointed` recomputes the
+        UNet's activations in backward."""
+        t = self._chain_timestep(k)
+        if checkpointed:
+            return checkpoint(guided_noise, self.unet, x, t, cond, uncond, self.cfg.guidance, use_reentrant=False)
+        return guided_noise(self.unet, x, t, cond, uncond, self.cfg.guidance)
+
+    def chain_transition(self, eps: torch.Tensor, k: int, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_{k+1} from x_k and the step's noise prediction, differentiable in both: DDIM at the policy's eta (eta 0:
+        diffusers' own deterministic step)."""
+        t = self._chain_timestep(k)
+        if self.cfg.eta > 0:
+            return ddim_step_with_logprob(self.scheduler, eps, t, x, self.cfg.eta, generator=generator).prev_sample
+        return self.scheduler.step(eps, t, x, eta=0.0).prev_sample
+
+    def _chain_timestep(self, k: int) -> int:
+        if self.scheduler.num_inference_steps != self.cfg.steps:
+            self.scheduler.set_timesteps(self.cfg.steps)
+        return int(self.scheduler.timesteps[k])
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decode to images in [0, 1] (B, 3, H, W); differentiable."""
+        return decode_latents(self.vae, latents)
+
     def step_log_prob(self, latents: torch.Tensor, timestep: int, cond: torch.Tensor, uncond: torch.Tensor, *,
                       prev_sample: torch.Tensor, steps: int | None = None) -> StepOutput:
         """The Gaussian of one denoising step x_t -> x_{t-1} of a `steps`-step chain under this policy (its mean,
@@ -223,6 +253,18 @@ class DiffusionPolicy:
             self.scheduler.set_timesteps(steps)
         eps = self.noise_pred(latents, timestep, cond, uncond)
         return ddim_step_with_logprob(self.scheduler, eps, timestep, latents, self.cfg.eta, prev_sample=prev_sample)
+
+    # ---- the forward (noising) process, for losses on clean latents (NFT, rejection sampling, SFT) ---------------
+    def noised_for_training(self, x0: torch.Tensor, noise: torch.Tensor, generator: torch.Generator,
+                            t_min: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, t, target) at a DDPM timestep t drawn uniformly from [t_min, T): x_t = sqrt(abar_t) x_0 +
+        sqrt(1 - abar_t) noise, and the target of the UNet's prediction, the noise itself."""
+        t = torch.randint(t_min, self.training_scheduler.config.num_train_timesteps, (len(x0),), generator=generator).to(x0.device)
+        return self.training_scheduler.add_noise(x0, noise, t), t, noise
+
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The network's conditional prediction (no guidance) at the training times of `noised_for_training`."""
+        return self.unet(noisy, t, encoder_hidden_states=cond).sample
 
     # ---- trainable weights --------------------------------------------------------------------------------------
     def trainable_modules(self) -> dict[str, torch.nn.Module]:

@@ -67,7 +67,7 @@ from ralign.config import ConfigError, load_config
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_CONFIG = "jobs/configs/quickstart.yaml"
 DEFAULT_SERVE_CONFIG = "jobs/configs/serve_rewards.yaml"
-DEFAULT_OVERLAYS = {"toy": "jobs/configs/quickstart.yaml", "sd15": "jobs/configs/sd15.yaml"}
+DEFAULT_OVERLAYS = {"toy": "jobs/configs/quickstart.yaml", "sd15": "jobs/configs/sd15.yaml", "sd35": "jobs/configs/sd35.yaml"}
 DEFAULT_IMAGE = "ghcr.io/ralign/ralign:0.1.0"  # built from the top-level Dockerfile; GPU configs use the tag + "-gpu"
 RAY_VERSION = "2.60.0"  # the Ray in the image (Dockerfile's base image)
 IMAGE_WORKDIR = PurePosixPath("/app")  # where the Dockerfile copies the repository (configs included)
