@@ -134,6 +134,12 @@ class RolloutCoordinator:
             ref = ray.put(state)
             ray.get(self.pipeline.broadcast_async(ref, version))
 
+    def served_a_learner(self) -> bool:
+        """Whether a learner has taken a batch from this coordinator: a learner group that starts with no checkpoint
+        and finds this true was restarted before Ray Train registered any checkpoint."""
+        with self.lock:
+            return bool(self.pipeline.schedule.ledger.consumed)
+
     def report(self, progress: dict) -> None:
         self.progress = dict(progress)
 

@@ -200,15 +200,19 @@ def test_nan_scores_are_quarantined_and_too_many_stop_the_run():
 
 
 def test_failing_rewards_stop_the_run_after_the_limit():
-    s = RolloutSchedule(pipeline_config(request_batch=2, max_inflight_per_sampler=3, max_unconsumed=3, max_reward_errors=3),
+    # Four calls in flight, all failing: the run stops at the third, and the one that fails after it (it was already
+    # running) does not change the reason reported.
+    s = RolloutSchedule(pipeline_config(request_batch=2, max_inflight_per_sampler=4, max_unconsumed=4, max_reward_errors=3),
                         1, 1, PromptCycle())
-    for order in of(s.orders(), Sample):
+    orders = of(s.orders(), Sample)
+    assert len(orders) == 4
+    for i, order in enumerate(orders):
         (score,) = s.sampled(order.ticket, chains(order.request))
-        s.reward_raised(score.ticket, "InjectedRewardFailure: boom")
-    with pytest.raises(PipelineAbort, match="3 reward calls failed in a row; the last: InjectedRewardFailure: boom"):
+        s.reward_raised(score.ticket, f"InjectedRewardFailure: boom {i}")
+    with pytest.raises(PipelineAbort, match="^3 reward calls failed in a row; the last: InjectedRewardFailure: boom 2$"):
         s.take(2)
     assert of(s.orders(), Sample) == []  # a stopping run issues nothing
-    assert len(s.ledger.lost) == 6
+    assert len(s.ledger.lost) == 8
     balanced(s)
 
 

@@ -176,6 +176,29 @@ def test_served_scores_equal_the_in_process_reward(served, ray_local):
     ray_local.kill(wrong)
 
 
+def test_a_flow_model_training_job_scores_its_rollouts_on_the_reward_server(served, ralign_cli_inprocess, tmp_path):
+    """`ralign train` on the flow policy (tiny-random-flow, GRPO) with `reward.deployment`: its reward actor is a
+    client of the running application, and the job runs to the end on the served scores."""
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    config = Path(__file__).parent / "configs" / "tiny_train.yaml"
+    out = tmp_path / "summary.json"
+    result = ralign_cli_inprocess(
+        "train", "--config", config, "--set", "model.pipeline=tiny-random-flow", "--set", "algorithm.name=grpo",
+        "--set", "algorithm.grpo.group_size=2", "--set", "algorithm.grpo.skip_last_steps=1",
+        "--set", "reward.name=clip_score", "--set", "reward.deployment=clip-score", "--set", "train.iterations=2",
+        "--set", "train.eval.before_after=false", "--set", f"ray.storage_path={tmp_path / 'ray'}",
+        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--json", out)
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
+    summary = json.loads(out.read_text())
+    assert summary["iterations"] == 2 and summary["ledger"]["balanced"] and summary["ledger"]["consumed"] == 2 * 4
+    run = MlflowClient(summary["tracking_uri"]).get_run(summary["run_id"])
+    assert run.data.params["reward.deployment"] == "clip-score" and run.data.params["model.pipeline"] == "tiny-random-flow"
+    assert 0 < run.data.metrics["reward_mean"] < 1  # CLIP score's range
+
+
 def test_http_refuses_malformed_and_oversized_requests(served):
     _, url = served
     status, body = _post(url, b"{not json")

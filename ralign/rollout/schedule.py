@@ -362,7 +362,8 @@ class RolloutSchedule:
 
     def _reward_failed(self, why: str) -> None:
         self.reward_errors += 1
-        if self.reward_errors >= self.ray.max_reward_errors:
+        # The first reason to stop is the one reported: calls already in flight may fail after it.
+        if self.fatal is None and self.reward_errors >= self.ray.max_reward_errors:
             self.fatal = PipelineAbort(f"{self.reward_errors} reward calls failed in a row; the last: {why}")
 
     def hung_rewards(self) -> list[Restart]:

@@ -85,8 +85,11 @@ def test_run_survives_killed_sampler_reward_and_learner_processes(tmp_path):
         pids = pids_line()
         os.kill(pids["samplers"][0], signal.SIGKILL)
         os.kill(pids["rewards"][0], signal.SIGKILL)
-        # After the first checkpoint (iteration 2) the learner worker dies too.
-        wait_for("iteration 3", lambda: iterations() >= 3)
+        # After the first checkpoint (iteration 2) the learner worker dies too: once Ray Train has registered it
+        # (its checkpoint manager's snapshot is written), not only once the learner wrote it. A kill in between
+        # restarts the group from scratch (covered by actors/learner.py's restart without a checkpoint).
+        wait_for("iteration 3 and a registered checkpoint",
+                 lambda: iterations() >= 3 and any((tmp_path / "ray").glob("*/checkpoint_manager_snapshot.json")))
         learner_pids = {int(m) for ln in lines for m in re.findall(r"\(RayTrainWorker pid=(\d+)", ln)}
         assert len(learner_pids) == 1, learner_pids
         os.kill(learner_pids.pop(), signal.SIGKILL)
@@ -111,8 +114,9 @@ def test_run_survives_killed_sampler_reward_and_learner_processes(tmp_path):
     ledger = summary["ledger"]
     assert ledger["balanced"], ledger  # every id issued ended in exactly one terminal state
     # The killed actors' in-flight work is lost or re-scored, never trained on twice (the coordinator checks the
-    # consumed list for repeats at shutdown); what the dead learner attempt had queued is dropped, counted.
-    assert ledger["consumed"] >= 6 * 4 and ledger["dropped_stale"] > 0
+    # consumed list for repeats at shutdown); what the dead learner attempt had queued, if anything (that depends
+    # on where the kill lands), is dropped and counted: the ledger balances either way.
+    assert ledger["consumed"] >= 6 * 4
     state = json.loads((Path(summary["checkpoint"]) / "learner_state.json").read_text())
     assert state["iteration"] == 6
     quarantined = [a.path for a in client.list_artifacts(rid, "quarantine")]
