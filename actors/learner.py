@@ -113,8 +113,8 @@ def train_loop_per_worker(config: dict) -> None:
     elif rank == 0 and ray.get(coordinator.served_a_learner.remote()):
         # Restarted before Ray Train registered a checkpoint (a worker killed between writing its first checkpoint
         # and the controller's next poll): training starts over from the pretrained policy, and the coordinator
-        # must be told so, or it would judge the fresh learner's takes against the dead attempt's version and
-        # position (measured: the run then waited forever while its samples were dropped as stale).
+        # must be told so: left with the dead attempt's version and position, it never filled the fresh learner's
+        # first take (seen in the killed-processes drill: the run waited until its deadline).
         ray.get(coordinator.resume_from.remote(weights_for_transfer(learner.trainable_state()), learner.policy.version, 0))
         log.info("rank 0 restarted with no checkpoint registered: training starts over at iteration 0")
         logger.tag("ralign.resumed_from_iteration", "0")
