@@ -47,6 +47,7 @@ class FlowPolicy:
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         check_flow_scheduler(self.scheduler, cfg.eta, cfg.steps)
         self.version = 0
+        self._grids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # steps -> (timesteps, sigmas): see `_grid`
         for module in (self.transformer, self.vae, *self.text_encoders):
             module.requires_grad_(False)
             module.eval()
@@ -113,12 +114,7 @@ class FlowPolicy:
         if attention_steps:
             raise ValueError("cross-attention maps are recorded from a UNet's attention processors; an MMDiT's joint "
                              "attention has none to record (a reward that scores attention needs a UNet model)")
-        steps = steps or self.cfg.steps
-        cond, uncond = self.encode(prompts)
-        x_T = initial_noise(self.latent_shape(), seeds, dtype=cond[0].dtype, device=self.device)
-        latents, log_probs, means, stds, ts = sample_flow_chain(
-            self.transformer, self.scheduler, cond, uncond, x_T, steps=steps, noise_level=self.cfg.eta,
-            guidance=self.cfg.guidance, generator=step_generator(seeds))
+        latents, log_probs, means, stds, ts = self._run_chain(prompts, seeds, steps or self.cfg.steps)
         images = self.decode(latents[:, -1]) if decode else None
         return Trajectory(list(prompts), latents, log_probs, means, stds, ts, images)
 
@@ -127,19 +123,28 @@ class FlowPolicy:
         """Latents after the first `stop_step` SDE steps of the chain, without gradient (what a sampler actor runs
         for a direct-backprop algorithm); the same noise as `sample` draws for these seeds. The text encoders are
         frozen, so `original_text` changes nothing."""
+        latents, *_ = self._run_chain(prompts, seeds, self.cfg.steps, stop_step=max(0, stop_step))
+        return latents[:, -1]
+
+    def _run_chain(self, prompts: Sequence[str], seeds: Sequence[int], steps: int, stop_step: int | None = None):
+        """Steps [0, stop_step) of the SDE chain from the seeds' initial noise (`sample_flow_chain`'s outputs)."""
         cond, uncond = self.encode(prompts)
         x_T = initial_noise(self.latent_shape(), seeds, dtype=cond[0].dtype, device=self.device)
-        if stop_step <= 0:
-            return x_T
-        latents, *_ = sample_flow_chain(self.transformer, self.scheduler, cond, uncond, x_T, steps=self.cfg.steps,
-                                        noise_level=self.cfg.eta, guidance=self.cfg.guidance, generator=step_generator(seeds),
-                                        stop_step=stop_step)
-        return latents[:, -1]
+        return sample_flow_chain(self.transformer, self.scheduler, cond, uncond, x_T, steps=steps, noise_level=self.cfg.eta,
+                                 guidance=self.cfg.guidance, generator=step_generator(seeds), stop_step=stop_step)
+
+    def _grid(self, steps: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `steps`-step grid (timesteps, sigmas), computed once per length: the training updates ask for it at
+        every step of every chain."""
+        if steps not in self._grids:
+            self._grids[steps] = flow_grid(self.scheduler, steps)
+        timesteps, sigmas = self._grids[steps]
+        return timesteps, sigmas.to(device)
 
     def chain_output(self, x: torch.Tensor, k: int, cond, uncond, *, checkpointed: bool = False) -> torch.Tensor:
         """The guided velocity at step k of the `steps`-step training chain (direct reward backpropagation, DRaFT-K);
         `checkpointed` recomputes the transformer's activations in backward."""
-        timesteps, _ = flow_grid(self.scheduler, self.cfg.steps)
+        timesteps, _ = self._grid(self.cfg.steps, x.device)
         if checkpointed:
             return checkpoint(guided_velocity, self.transformer, x, timesteps[k], cond, uncond, self.cfg.guidance, use_reentrant=False)
         return guided_velocity(self.transformer, x, timesteps[k], cond, uncond, self.cfg.guidance)
@@ -147,8 +152,7 @@ class FlowPolicy:
     def chain_transition(self, velocity: torch.Tensor, k: int, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """x_{k+1} from x_k and the step's velocity, differentiable in both: the SDE step at noise level eta (its noise
         a constant of the graph), the ODE's Euler step at eta 0."""
-        _, sigmas = flow_grid(self.scheduler, self.cfg.steps)
-        sigmas = sigmas.to(x.device)
+        _, sigmas = self._grid(self.cfg.steps, x.device)
         if self.cfg.eta > 0:
             return flow_sde_step_with_logprob(velocity, sigmas, k, x, self.cfg.eta, generator=generator).prev_sample
         return flow_ode_step(velocity, sigmas, k, x)
@@ -175,13 +179,13 @@ class FlowPolicy:
                       steps: int | None = None) -> StepOutput:
         """The Gaussian of the SDE step taken from `latents` at `timestep` of a `steps`-step grid, and the
         log-probability of `prev_sample` under it."""
-        timesteps, sigmas = flow_grid(self.scheduler, steps or self.cfg.steps)
+        timesteps, sigmas = self._grid(steps or self.cfg.steps, latents.device)
         matches = (timesteps == float(timestep)).nonzero().flatten().tolist()
         if not matches:
             raise ValueError(f"timestep {float(timestep)} is not on the {len(timesteps)}-step grid of this flow scheduler")
         k = matches[0]
         velocity = guided_velocity(self.transformer, latents, timesteps[k], cond, uncond, self.cfg.guidance)
-        return flow_sde_step_with_logprob(velocity, sigmas.to(latents.device), k, latents, self.cfg.eta, prev_sample=prev_sample)
+        return flow_sde_step_with_logprob(velocity, sigmas, k, latents, self.cfg.eta, prev_sample=prev_sample)
 
     # ---- the forward (noising) process, for losses on clean latents (NFT, rejection sampling) -------------------
     def noised_for_training(self, x0: torch.Tensor, noise: torch.Tensor, generator: torch.Generator,
