@@ -259,3 +259,32 @@ def test_a_resumed_run_continues_at_a_request_boundary_and_drops_what_it_had():
     assert s.ledger.dropped_stale == set(range(8)) and s.final_ledger()["balanced"]
     (order, *_) = of(s.orders(), Sample)
     assert order.request.ids[0] == 12
+
+
+def _serve_until_taken(s: RolloutSchedule, n: int, learner_version: int, rounds: int = 20):
+    """Sample and score whatever the schedule orders until the learner's take of `n` fills (None after `rounds`)."""
+    for _ in range(rounds):
+        batch = s.take(n, learner_version=learner_version)
+        if batch is not None:
+            return batch
+        for order in of(s.orders(), Sample):
+            (score,) = s.sampled(order.ticket, chains(order.request, version=s.issued_version[order.ticket]))
+            s.scored(score.ticket, scored(score.batch))
+    return None
+
+
+def test_a_learner_restarted_before_any_checkpoint_starts_over_and_is_served():
+    # The coordinator's `served_a_learner` is true once anything was consumed; the restarted learner group (no
+    # checkpoint registered yet) then calls resume_from(..., next_id=0) at version 0, which is this sequence.
+    s = RolloutSchedule(pipeline_config(request_batch=4, max_inflight_per_sampler=2, max_staleness=0), 1, 1, PromptCycle())
+    assert not s.ledger.consumed
+    for version in (0, 1, 2):  # the first attempt trains three iterations, then dies
+        assert _serve_until_taken(s, 8, learner_version=version) is not None
+    assert s.ledger.consumed
+    s.abandon_unused()
+    s.start_at(next_id=0, learner_version=0)
+    first = _serve_until_taken(s, 8, learner_version=0)
+    assert first is not None and min(first.ids) >= 24  # fresh ids: nothing of the first attempt is trained on twice
+    assert set(first.versions) == {0}
+    assert _serve_until_taken(s, 8, learner_version=1) is not None
+    balanced(s)
