@@ -17,6 +17,7 @@ _BUILDERS: dict[str, str | Callable[..., object]] = {
     "decomposed_preference": "ralign.rewards.decomposed:DecomposedPreferenceReward",
     "caption": "ralign.rewards.caption:CaptionReward",
     "detector": "ralign.rewards.detector:DetectorReward",
+    "soft_detector": "ralign.rewards.soft_detector:SoftDetectorReward",
     "grounded_attention": "ralign.rewards.grounded_attention:GroundedAttentionReward",
     "fidelity": "ralign.rewards.fidelity:FidelityDiscriminator",
     "weighted": "ralign.rewards.weighted:WeightedReward",
