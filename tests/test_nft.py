@@ -88,6 +88,26 @@ def test_an_update_learns_the_better_image_of_each_group_and_unlearns_the_worse(
     assert stats["optimality_abs_dev"] == 0.0 and stats["grad_norm"] == 0.0
 
 
+@pytest.mark.parametrize("pipeline", ["tiny-random", "tiny-random-flow"])
+def test_shared_noise_cancels_what_the_images_of_a_group_have_in_common(pipeline):
+    """Two groups whose images are identical within the group and whose advantages are unclipped: with the group's
+    samples noised alike (shared_noise), the (2r - 1)-weighted gradients cancel exactly; with independent draws
+    they do not, which is the noise shared_noise removes."""
+    prompts, seeds = ["a red circle", "a red circle", "two blue squares", "two blue squares"], [1, 2, 3, 4]
+    scores = torch.tensor([0.6, 0.4, 0.45, 0.55])  # |A| / adv_clip < 1: no clipping, the weights sum to 0 per group
+    norms = {}
+    for shared in (True, False):
+        seed_lora_init()
+        cfg = make_cfg(pipeline, shared_noise=shared, adv_clip=100.0)
+        learner = Learner(cfg, build_policy(cfg.policy_spec()))
+        traj = learner.policy.sample(prompts, seeds)
+        traj.latents[1], traj.latents[3] = traj.latents[0], traj.latents[2]  # the same chain twice in each group
+        stats = learner.update(Chains([0, 1, 2, 3], prompts, seeds, [0] * 4, latents=traj.latents,
+                                      log_probs=traj.log_probs, timesteps=traj.timesteps, scores=scores))
+        norms[shared] = stats["grad_norm"]
+    assert norms[True] == pytest.approx(0.0, abs=1e-7) and norms[False] > 1e-5
+
+
 def test_configs_it_cannot_run_are_refused():
     with pytest.raises(ConfigError, match="groups of 3 per prompt"):
         make_cfg(group_size=3)

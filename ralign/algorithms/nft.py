@@ -51,6 +51,9 @@ class NFTSettings(StrictModel):
     minibatches: int = Field(1, ge=1)  # optimiser updates per pass over the batch
     inner_epochs: int = Field(1, ge=1)  # passes over one batch (each with the noise drawn at its start)
     eps: float = Field(1e-4, gt=0.0)  # added to the advantage's standard deviation
+    # The samples of one prompt are noised with the same noise and time (common random numbers): their (2r - 1)-weighted
+    # gradients then differ only by what differs between their images, since the group's weights sum to ~0.
+    shared_noise: bool = False
 
 
 def optimality(advantages: torch.Tensor, adv_clip: float) -> torch.Tensor:
@@ -97,9 +100,11 @@ class NFT(RolloutAlgorithm):
         per_update = n // s.minibatches
         totals: dict[str, float] = {}
         passes = 0
+        groups = torch.tensor([i // s.group_size for i in batch.ids])
+        draws = torch.unique(groups, return_inverse=True)[1] if s.shared_noise else torch.arange(n)
         for _ in range(s.inner_epochs):
-            noise = torch.randn(x0.shape, generator=ctx.generator).to(x0)
-            noisy, t, target = policy.noised_for_training(x0, noise, ctx.generator, s.t_min)
+            noise = torch.randn((int(draws.max()) + 1, *x0.shape[1:]), generator=ctx.generator)[draws].to(x0)
+            noisy, t, target = policy.noised_for_training(x0, noise, ctx.generator, s.t_min, draws)
             # e_old and e_ref for the whole pass before any optimiser step: the policy that started it, and the
             # reference, each on the same noisy latents.
             with torch.no_grad():

@@ -189,13 +189,14 @@ class FlowPolicy:
 
     # ---- the forward (noising) process, for losses on clean latents (NFT, rejection sampling) -------------------
     def noised_for_training(self, x0: torch.Tensor, noise: torch.Tensor, generator: torch.Generator,
-                            t_min: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            t_min: int = 0, draws: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_sigma, t, target) on the straight path x_sigma = (1 - sigma) x_0 + sigma noise, with sigma drawn
         uniformly from [t_min / T, 1) (DiffusionNFT's choice; T = the scheduler's num_train_timesteps, so `t_min` reads
         as the DDPM-style timestep of the UNet policy), t = T sigma as the transformer takes it, and the velocity
-        noise - x_0 it predicts."""
+        noise - x_0 it predicts. `draws` (one index per sample) makes samples with the same index share sigma."""
         total = self.scheduler.config.num_train_timesteps
-        sigma = (t_min / total + (1 - t_min / total) * torch.rand(len(x0), generator=generator)).to(x0)
+        draws = torch.arange(len(x0)) if draws is None else draws
+        sigma = (t_min / total + (1 - t_min / total) * torch.rand(int(draws.max()) + 1, generator=generator))[draws].to(x0)
         s = sigma.view(-1, *([1] * (x0.dim() - 1)))
         return (1 - s) * x0 + s * noise, sigma * total, noise - x0
 

@@ -256,10 +256,13 @@ class DiffusionPolicy:
 
     # ---- the forward (noising) process, for losses on clean latents (NFT, rejection sampling, SFT) ---------------
     def noised_for_training(self, x0: torch.Tensor, noise: torch.Tensor, generator: torch.Generator,
-                            t_min: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            t_min: int = 0, draws: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_t, t, target) at a DDPM timestep t drawn uniformly from [t_min, T): x_t = sqrt(abar_t) x_0 +
-        sqrt(1 - abar_t) noise, and the target of the UNet's prediction, the noise itself."""
-        t = torch.randint(t_min, self.training_scheduler.config.num_train_timesteps, (len(x0),), generator=generator).to(x0.device)
+        sqrt(1 - abar_t) noise, and the target of the UNet's prediction, the noise itself. `draws` (one index per
+        sample) makes samples with the same index share their timestep; default: one draw each."""
+        draws = torch.arange(len(x0)) if draws is None else draws
+        t = torch.randint(t_min, self.training_scheduler.config.num_train_timesteps, (int(draws.max()) + 1,), generator=generator)[draws]
+        t = t.to(x0.device)
         return self.training_scheduler.add_noise(x0, noise, t), t, noise
 
     def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
