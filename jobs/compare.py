@@ -31,6 +31,7 @@ METHODS: dict[str, str | None] = {
     "dpok": "dpok.yaml",  # DPOK + CLIP score
     "refl": "refl.yaml",  # ReFL + preference
     "draft": "draft.yaml",  # direct backprop (DRaFT-K) + preference
+    "draft_detector": "draft_detector.yaml",  # DRaFT over the whole chain + the differentiable detector reward
     "longalign": "longalign.yaml",
     "comat": "comat.yaml",
     "textcraftor": "textcraftor.yaml",
@@ -46,7 +47,7 @@ BASE_SETTINGS: dict[str, str] = {"base": "draft.yaml", "flow_base": "flow_grpo.y
 PRE_STAGES: dict[str, str] = {"longalign": "longalign_sft.yaml"}
 LABELS = {
     "base": "base (no training)", "grpo": "GRPO + CLIP score (quickstart)", "dpok": "DPOK + CLIP score", "refl": "ReFL + preference",
-    "draft": "DRaFT-2 + preference", "longalign": "LongAlign", "comat": "CoMat", "textcraftor": "TextCraftor",
+    "draft": "DRaFT-2 + preference", "draft_detector": "DRaFT (whole chain) + soft detector", "longalign": "LongAlign", "comat": "CoMat", "textcraftor": "TextCraftor",
     "textcraftor_unet": "TextCraftor + UNet", "flow_base": "flow base (no training)", "flow_grpo": "Flow-GRPO + detector (flow model)",
 }
 FAMILY_METRICS = ("all_correct", "object_recall", "binding_acc", "count_acc", "spatial_acc", "artifact_rate")
