@@ -20,7 +20,7 @@ from ralign.training.config import TrainConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What never goes to the cluster: environments, outputs, VCS data, caches (Ray refuses working dirs over its limit).
-EXCLUDES = [".venv", ".git", "runs", "mlruns", "outputs", "**/__pycache__", ".pytest_cache", "*.db", "benchmarks/results/compare_montages"]
+EXCLUDES = [".venv", ".git", "runs", "mlruns", "outputs", "**/__pycache__", ".pytest_cache", "*.db", "benchmarks/results/compare*_montages"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
