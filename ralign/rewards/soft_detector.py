@@ -10,7 +10,7 @@ degree d = sigmoid((logit_c - logit(threshold)) / sharpness), so:
   the gap measured along the relation's axis (a relation holds between different cells, which are a cell apart);
 - nothing else: exp(-(soft count of every class the prompt does not name)).
 The score is the mean of the checks, as the rules' score is; it ranks a base model's images of one prompt as well as
-the rules do (within-prompt pairwise accuracy against the oracle, benchmarks/results/soft_detector.md). It never
+the rules do or better (within-prompt pairwise accuracy, benchmarks/results/diagnose_soft_detector.md). It never
 calls the oracle. A prompt in which the reader finds no object scores NaN (the reward guard quarantines it).
 
 Why not differentiate the rules themselves: a thresholded count and a grid cell have zero gradient almost everywhere.
