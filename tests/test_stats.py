@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from ralign.world.stats import bootstrap_interval, compare_evaluations, paired_difference, rate_with_interval
+from ralign.world.stats import bootstrap_interval, compare_evaluations, paired_difference, pool_paired_runs, rate_with_interval
 
 
 def exact_bootstrap_quantiles(values, level=0.95):
@@ -55,3 +55,31 @@ def test_compare_evaluations_refuses_different_prompts():
         compare_evaluations(a, b)
     same = compare_evaluations(a, {"per_prompt": {"single": {"prompts": ["x", "y"], "all_correct": [1.0, 1.0]}}})
     assert same["families"]["single"]["diff"] == 0.5 and same["overall"]["n"] == 2
+
+
+def _report(prompts_by_family: dict[str, tuple[list[str], list[float]]]) -> dict:
+    return {"per_prompt": {f: {"prompts": p, "all_correct": v} for f, (p, v) in prompts_by_family.items()}}
+
+
+def test_pooling_runs_averages_every_prompt_pair_and_resamples_within_each_run():
+    # run 0: single +1 on one of two prompts, binding 0; run 1 (other prompts): single 0, binding +1 on both
+    run0 = (_report({"single": (["a", "b"], [0.0, 1.0]), "binding": (["c", "d"], [0.0, 0.0])}),
+            _report({"single": (["a", "b"], [1.0, 1.0]), "binding": (["c", "d"], [0.0, 0.0])}))
+    run1 = (_report({"single": (["e", "f"], [1.0, 1.0]), "binding": (["g", "h"], [0.0, 0.0])}),
+            _report({"single": (["e", "f"], [1.0, 1.0]), "binding": (["g", "h"], [1.0, 1.0])}))
+    pooled = pool_paired_runs([run0, run1])
+    assert pooled["families"]["single"]["diff"] == 0.25 and pooled["families"]["single"]["n"] == 4  # (1 + 0 + 0 + 0) / 4
+    assert pooled["families"]["binding"]["diff"] == 0.5  # (0 + 0 + 1 + 1) / 4
+    assert pooled["overall"]["diff"] == 0.375 and pooled["overall"]["n"] == 8
+    # binding's per-run differences are constant (0 in run 0, 1 in run 1): resampling within runs leaves no spread,
+    # where resampling the four pooled pairs freely would mix the runs
+    assert pooled["families"]["binding"]["ci"] == [0.5, 0.5]
+    # one run pooled alone is that run's paired comparison
+    assert pool_paired_runs([run0]) == compare_evaluations(*run0)
+
+
+def test_pooling_refuses_a_run_judged_on_different_prompts_after_training():
+    good = (_report({"single": (["a"], [0.0])}), _report({"single": (["a"], [1.0])}))
+    bad = (_report({"single": (["b"], [0.0])}), _report({"single": (["c"], [1.0])}))
+    with pytest.raises(ValueError, match="different prompts"):
+        pool_paired_runs([good, bad])

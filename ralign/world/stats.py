@@ -70,18 +70,31 @@ def verdict(change: Mapping) -> str:
 def compare_evaluations(before: Mapping, after: Mapping) -> dict:
     """Paired all-correct differences per family and overall between two `evaluate_images` reports of the same
     prompts (refused otherwise: a difference between different prompts says nothing about the model)."""
-    fams = [f for f in before["per_prompt"] if f in after["per_prompt"]]
+    return pool_paired_runs([(before, after)])
+
+
+def pool_paired_runs(runs: Sequence[tuple[Mapping, Mapping]]) -> dict:
+    """Paired all-correct differences pooled over several runs of one recipe (e.g. seeds), each a (before, after)
+    pair of `evaluate_images` reports judged on that run's own prompts. The change is the mean per-prompt difference
+    over every run; its interval resamples prompts within each (run, family), so each run's pairs stay paired and each
+    family keeps its weight. It estimates what the recipe does on average, which one run's interval cannot."""
+    fams = [f for f in runs[0][0]["per_prompt"] if all(f in b["per_prompt"] and f in a["per_prompt"] for b, a in runs)]
     out: dict = {"families": {}}
     pooled_b, pooled_a, strata = [], [], []
     for fam in fams:
-        b, a = before["per_prompt"][fam], after["per_prompt"][fam]
-        if b["prompts"] != a["prompts"]:
-            raise ValueError(f"{fam}: the two evaluations used different prompts; a paired comparison needs the same ones")
-        out["families"][fam] = paired_difference(b["all_correct"], a["all_correct"])
-        pooled_b += b["all_correct"]
-        pooled_a += a["all_correct"]
-        strata += [fam] * len(b["all_correct"])
-    out["overall"] = paired_difference(pooled_b, pooled_a, strata)
+        fam_b, fam_a, fam_runs = [], [], []
+        for i, (before, after) in enumerate(runs):
+            b, a = before["per_prompt"][fam], after["per_prompt"][fam]
+            if b["prompts"] != a["prompts"]:
+                raise ValueError(f"{fam}: the two evaluations used different prompts; a paired comparison needs the same ones")
+            fam_b += b["all_correct"]
+            fam_a += a["all_correct"]
+            fam_runs += [i] * len(b["all_correct"])
+        out["families"][fam] = paired_difference(fam_b, fam_a, fam_runs if len(runs) > 1 else None)
+        pooled_b += fam_b
+        pooled_a += fam_a
+        strata += [(fam, i) for i in fam_runs]
+    out["overall"] = paired_difference(pooled_b, pooled_a, [f"{fam}/{i}" for fam, i in strata])
     return out
 
 
