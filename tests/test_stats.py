@@ -74,8 +74,10 @@ def test_pooling_runs_averages_every_prompt_pair_and_resamples_within_each_run()
     # binding's per-run differences are constant (0 in run 0, 1 in run 1): resampling within runs leaves no spread,
     # where resampling the four pooled pairs freely would mix the runs
     assert pooled["families"]["binding"]["ci"] == [0.5, 0.5]
-    # one run pooled alone is that run's paired comparison
-    assert pool_paired_runs([run0]) == compare_evaluations(*run0)
+    # one run pooled alone is that run's paired comparison (compare_evaluations is that case)
+    alone = pool_paired_runs([run0])
+    assert alone["families"]["single"] == paired_difference([0.0, 1.0], [1.0, 1.0])
+    assert alone["overall"] == paired_difference([0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], ["single"] * 2 + ["binding"] * 2)
 
 
 def test_pooling_refuses_a_run_judged_on_different_prompts_after_training():

@@ -9,7 +9,7 @@ judges them, paired with the base model's images. A screen for choosing settings
 The JSON is merged into the default config (NFT with the detector reward, as jobs/configs/nft.yaml); "x" holds the
 screen's own knobs: iters, every, neval, train_families, ema (decay of an adapter average also evaluated).
 Rollout algorithms (grpo, nft, rsft, dpok) learn from sampled chains scored by the reward; gradient algorithms
-(draft, alignprop, interval, refl) from the reward's gradient in the learner. Results: benchmarks/results/heldout_screens.md.
+(draft, alignprop, interval, refl) from the reward's gradient in the learner. Results: benchmarks/results/draft_detector.md.
 """
 import copy
 import json
@@ -17,7 +17,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))
@@ -28,9 +27,9 @@ from ralign.rewards.registry import build_reward
 from ralign.rollout.batch import Chains, Prefixes
 from ralign.training.config import TrainConfig
 from ralign.training.learner import Learner
-from ralign.world import oracle, prompts as P
-from ralign.world.evaluation import eval_prompts
-from ralign.world.stats import paired_difference
+from ralign.world import prompts as P
+from ralign.world.evaluation import evaluate_generator
+from ralign.world.stats import compare_evaluations
 
 SHORT = ("single", "binding", "counting", "spatial", "size")
 DEFAULT = {
@@ -64,26 +63,20 @@ policy = learner.policy
 gradient_algorithm = learner.algorithm.reward_in_learner
 group = 1 if gradient_algorithm else learner.algorithm.group_size(cfg)
 per_iteration = cfg.train.batch_size
-held_out = eval_prompts("test", neval, 0, SHORT)
 params = policy.trainable_parameters()
 average = [p.detach().clone() for p in params] if knobs.get("ema") else None
 
 
-def evaluate() -> dict[str, list[float]]:
-    verdicts = {}
-    for family, samples in held_out.items():
-        prompts = [s.prompt for s in samples]
-        images = policy.generate_images(prompts, seed=0, batch_size=64)
-        verdicts[family] = [float(oracle.judge(p, im).all_correct) for p, im in zip(prompts, images)]
-    return verdicts
+def evaluate() -> dict:
+    return evaluate_generator(lambda prompts: policy.generate_images(prompts, seed=0, batch_size=64),
+                              split="test", n=neval, seed=0, families=SHORT)
 
 
 def summary(after: dict, before: dict) -> dict:
-    out = {f: round(float(np.mean(after[f]) - np.mean(before[f])), 3) for f in after}
-    change = paired_difference([v for f in before for v in before[f]], [v for f in after for v in after[f]],
-                           [f for f in before for _ in before[f]])
-    out["overall"] = round(change["diff"], 3)
-    out["ci"] = [round(x, 3) for x in change["ci"]]
+    change = compare_evaluations(before, after)
+    out = {f: round(c["diff"], 3) for f, c in change["families"].items()}
+    out["overall"] = round(change["overall"]["diff"], 3)
+    out["ci"] = [round(x, 3) for x in change["overall"]["ci"]]
     return out
 
 
@@ -96,7 +89,7 @@ def swap_average() -> None:
 
 start = time.time()
 before = evaluate()
-print(json.dumps({"name": name, "before": {f: round(float(np.mean(v)), 3) for f, v in before.items()}}), flush=True)
+print(json.dumps({"name": name, "before": {f: m["all_correct"] for f, m in before["families"].items()}}), flush=True)
 stream = P.generate_mixed(iters * per_iteration // group + 10, split="train", seed=12345, families=train_families)
 for it in range(iters):
     t0 = time.time()

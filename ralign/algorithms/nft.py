@@ -93,15 +93,15 @@ class NFT(RolloutAlgorithm):
     def update(self, batch: Chains, ctx: UpdateContext) -> dict[str, float]:
         s, policy = self.settings, ctx.policy
         scores = torch.as_tensor(batch.scores).float()
-        advantages = batch_advantages(scores, [i // s.group_size for i in batch.ids], s.advantage_std, s.eps, ctx.gather)
+        groups = [i // s.group_size for i in batch.ids]
+        advantages = batch_advantages(scores, groups, s.advantage_std, s.eps, ctx.gather)
         r = optimality(advantages, s.adv_clip).to(policy.device)
         x0 = torch.as_tensor(batch.final_latents).to(policy.device)
         n, mb = len(batch), ctx.micro_batch
         per_update = n // s.minibatches
         totals: dict[str, float] = {}
         passes = 0
-        groups = torch.tensor([i // s.group_size for i in batch.ids])
-        draws = torch.unique(groups, return_inverse=True)[1] if s.shared_noise else torch.arange(n)
+        draws = torch.unique(torch.tensor(groups), return_inverse=True)[1] if s.shared_noise else torch.arange(n)
         for _ in range(s.inner_epochs):
             noise = torch.randn((int(draws.max()) + 1, *x0.shape[1:]), generator=ctx.generator)[draws].to(x0)
             noisy, t, target = policy.noised_for_training(x0, noise, ctx.generator, s.t_min, draws)

@@ -90,11 +90,11 @@ def pool_paired_runs(runs: Sequence[tuple[Mapping, Mapping]]) -> dict:
             fam_b += b["all_correct"]
             fam_a += a["all_correct"]
             fam_runs += [i] * len(b["all_correct"])
-        out["families"][fam] = paired_difference(fam_b, fam_a, fam_runs if len(runs) > 1 else None)
+        out["families"][fam] = paired_difference(fam_b, fam_a, fam_runs)
         pooled_b += fam_b
         pooled_a += fam_a
-        strata += [(fam, i) for i in fam_runs]
-    out["overall"] = paired_difference(pooled_b, pooled_a, [f"{fam}/{i}" for fam, i in strata])
+        strata += [f"{fam}/{i}" for i in fam_runs]
+    out["overall"] = paired_difference(pooled_b, pooled_a, strata)
     return out
 
 
