@@ -299,6 +299,10 @@ def compare(methods: list[str], out_dir: Path, json_out: Path, n_per_family: int
         json_out.write_text(json.dumps(results, indent=2) + "\n")
         _write_markdown(results, json_out, out_dir)
         log.info("compare: %s done in %.0fs: overall all-correct %.3f", method, time.time() - start, report["overall"]["all_correct"])
-    write_montages(out_dir, [m for m in METHODS if m in results["rows"]])
+    # Rows in METHODS order even when every row was reused (e.g. rows merged from runs made in parallel).
+    results["rows"] = {m: results["rows"][m] for m in METHODS if m in results["rows"]}
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(results, indent=2) + "\n")
+    write_montages(out_dir, list(results["rows"]))
     _write_markdown(results, json_out, out_dir)
     return results

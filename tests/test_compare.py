@@ -1,5 +1,5 @@
 """`ralign compare` on tiny settings: the base row and one trained method (CoMat, through the real Ray engine with
-its caption, grounded-attention and discriminator terms, scored in the learner and in a reward actor), the JSON shape the issue fixes, Markdown, grids, montages,
+its concept-matching (soft detector), grounded-attention and discriminator terms, scored in the learner and in a reward actor), the JSON shape the issue fixes, Markdown, grids, montages,
 and reuse of unchanged rows."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ def test_compare_base_and_comat_tiny(ralign_cli_inprocess, tmp_path, monkeypatch
     out, js = tmp_path / "out", tmp_path / "compare.json"
     args = ["compare", "--methods", "base,flow_base,comat", "--n", "1", "--out", str(out), "--json", str(js),
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "--set", "train.iterations=1", "--set", f"ray.storage_path={tmp_path / 'ray'}", "--set", "ray.num_cpus=2",
+            "--set", "train.iterations=1", "--set", "train.batch_size=8", "--set", "train.micro_batch=4",
+            "--set", "ray.request_batch=4", "--set", f"ray.storage_path={tmp_path / 'ray'}", "--set", "ray.num_cpus=2",
             # request 1 is then a metrics rollout, issued before request 2 that the learner trains on
             "--set", "ray.metric_rollout_every=2"]
     result = ralign_cli_inprocess(*args)
@@ -33,14 +34,14 @@ def test_compare_base_and_comat_tiny(ralign_cli_inprocess, tmp_path, monkeypatch
     assert results["rows"]["flow_base"]["config_digest"] != results["rows"]["base"]["config_digest"]
     assert (out / "grids" / "flow_base" / "grid_binding.png").is_file()
     comat = results["rows"]["comat"]
-    assert comat["algorithm"] == "interval" and comat["reward"] == "weighted" and comat["iterations"] == 1
+    assert comat["algorithm"] == "draft" and comat["reward"] == "weighted" and comat["iterations"] == 1
     assert isinstance(comat["train_reward"], float)
     # the metrics rollouts were scored by a reward actor on every CoMat term: the sampler shipped the attention maps
     # and latents, the learner its discriminator weights
     import mlflow
 
     metrics = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(comat["run_id"]).data.metrics
-    for key in ("rollout_reward/caption", "rollout_reward/grounded_attention/token_loss",
+    for key in ("rollout_reward/soft_detector", "rollout_reward/grounded_attention/token_loss",
                 "rollout_reward/grounded_attention/pixel_loss", "rollout_reward/fidelity/adv_g_loss"):
         assert key in metrics, key
     assert "rollout_reward/skipped_terms" not in metrics
