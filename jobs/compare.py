@@ -143,6 +143,14 @@ def _row(report: dict, summary: dict | None, wall_s: float, digest: str, to_targ
     }
 
 
+def _save(results: dict, json_out: Path, out_dir: Path) -> None:
+    """The rows in METHODS order, as JSON and Markdown."""
+    results["rows"] = {m: results["rows"][m] for m in METHODS if m in results["rows"]}
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(results, indent=2) + "\n")
+    _write_markdown(results, json_out, out_dir)
+
+
 def _write_markdown(results: dict, json_out: Path, out_dir: Path) -> None:
     md = markdown_table(results)
     (out_dir / "compare.md").write_text(md)
@@ -294,15 +302,8 @@ def compare(methods: list[str], out_dir: Path, json_out: Path, n_per_family: int
             _fetch_grids(summary, out_dir / "grids" / method)
         to_target = samples_to_target(summary, cfg) if summary else None
         results["rows"][method] = _row(report, summary, time.time() - start, digest, to_target)
-        results["rows"] = {m: results["rows"][m] for m in METHODS if m in results["rows"]}
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(results, indent=2) + "\n")
-        _write_markdown(results, json_out, out_dir)
+        _save(results, json_out, out_dir)
         log.info("compare: %s done in %.0fs: overall all-correct %.3f", method, time.time() - start, report["overall"]["all_correct"])
-    # Rows in METHODS order even when every row was reused (e.g. rows merged from runs made in parallel).
-    results["rows"] = {m: results["rows"][m] for m in METHODS if m in results["rows"]}
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(results, indent=2) + "\n")
+    _save(results, json_out, out_dir)  # also when every row was reused: rows merged from parallel runs get ordered
     write_montages(out_dir, list(results["rows"]))
-    _write_markdown(results, json_out, out_dir)
     return results
