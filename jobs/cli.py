@@ -88,6 +88,9 @@ def world_pretrain(
     unet_lr: Annotated[Optional[float], typer.Option(help="UNet learning rate (default: the pretraining config's).")] = None,
     continue_reward_clip: Annotated[int, typer.Option(min=0, help="With reward_clip: train the reward CLIP of OUT/reward_clip for this many more steps (near misses, generated look).")] = 0,
     reward_clip_lr: Annotated[Optional[float], typer.Option(help="Reward CLIP learning rate (default 5e-4).")] = None,
+    continue_captioner: Annotated[int, typer.Option(min=0, help="With captioner: train the captioner of OUT/captioner for this many more steps.")] = 0,
+    captioner_near_misses: Annotated[int, typer.Option(min=0, help="With captioner: near misses per image, ranked below the image by the caption reward (0: likelihood only).")] = 0,
+    captioner_lr: Annotated[Optional[float], typer.Option(help="Captioner learning rate (default 5e-4).")] = None,
     flow_steps: Annotated[Optional[int], typer.Option(min=1, help="With flow: training steps of the flow transformer (default 6000, times --scale).")] = None,
     continue_flow: Annotated[bool, typer.Option(help="With flow: continue from the transformer in OUT/flow instead of a random init.")] = False,
 ) -> None:
@@ -98,6 +101,8 @@ def world_pretrain(
     results = pretrain_all(out, [p.strip() for p in only.split(",") if p.strip()], scale=scale, seed=seed, unet_init=unet_init,
                            continue_unet_steps=continue_unet, unet_lr=unet_lr,
                            continue_reward_clip_steps=continue_reward_clip, reward_clip_lr=reward_clip_lr,
+                           captioner_overrides={"continue_steps": continue_captioner, "near_misses_per_image": captioner_near_misses,
+                                                **({"lr": captioner_lr} if captioner_lr is not None else {})},
                            flow_overrides={**({"steps": flow_steps} if flow_steps else {}),
                                            **({"init": str(out / "flow" / "transformer")} if continue_flow else {})})
     typer.echo(json.dumps(results, indent=2))

@@ -49,7 +49,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         policy.unet.train()
         for step in range(1, cfg.steps + 1):
             samples = next(stream)
-            loss = sft_loss(policy, render_samples(samples), [s.prompt for s in samples], generator, cfg.caption_dropout)
+            loss = sft_loss(policy, render_samples(samples), [s.prompt for s in samples], generator, cfg.caption_dropout, cfg.distill_weight)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()

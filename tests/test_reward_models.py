@@ -135,3 +135,19 @@ def test_reward_clip_pretraining_writes_a_loadable_model_and_card(tmp_path):
     after, _ = rc.load_reward_clip(tmp_path / "reward_clip")
     assert any(not torch.equal(before[k], v) for k, v in after.state_dict().items())
     assert "its card said:" in (tmp_path / "reward_clip" / "MODEL_CARD.md").read_text() and "near-miss accuracy" in card
+
+
+def test_captioner_near_miss_training_writes_a_loadable_model_and_card(tmp_path):
+    from ralign.pretrain.rewards import train_captioner
+
+    shutil.copytree(TOY_DIR / "base" / "vae", tmp_path / "base" / "vae")
+    shutil.copytree(TOY_DIR / "captioner", tmp_path / "captioner")
+    before = {k: v.clone() for k, v in cap.load_captioner(tmp_path / "captioner")[0].state_dict().items()}
+    metrics = train_captioner(tmp_path / "captioner", continue_steps=2, batch=4, lr=1e-4, near_misses_per_image=2, eval_prompts=4)
+    assert metrics["continued"] and metrics["steps"] == 2 and metrics["near_misses_per_image"] == 2
+    assert set(metrics["near_miss_accuracy"]) == set(metrics["families"])
+    model, tok = cap.load_captioner(tmp_path / "captioner")
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    card = (tmp_path / "captioner" / "MODEL_CARD.md").read_text()
+    assert "Bradley-Terry on the NLL" in card and "near-miss accuracy" in card and "its card said:" in card
+    assert "round trip through the base VAE" in card

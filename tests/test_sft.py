@@ -47,3 +47,42 @@ def test_missing_or_mismatched_init_checkpoint_is_a_clear_error(tmp_path):
         build_policy(cfg.policy_spec())
     with pytest.raises(ConfigError, match="unknown key"):
         parse_config(SFTConfig, {"stepz": 3})
+
+
+def _tiny_policy(encoding: str, **extra):
+    return build_policy({"pipeline": "tiny-random", "policy": {"unet_lora_rank": 4, "text_encoding": encoding, "segment_budget": 32,
+                                                               "steps": 2, **extra}})
+
+
+def test_plain_teacher_gap_is_zero_for_the_teacher_itself_and_skips_prompts_it_cannot_read():
+    from ralign.algorithms.sft import _denoising_terms, plain_teacher_gap
+
+    torch.manual_seed(0)
+    policy = _tiny_policy("plain")  # fresh LoRA (B = 0) with the plain encoding: the policy is its own teacher
+    latents = torch.randn(2, *policy.latent_shape())
+    short = ["a red circle", "two blue squares"]
+    noisy, t, prediction, _ = _denoising_terms(policy, latents, short, torch.Generator().manual_seed(1))
+    assert plain_teacher_gap(policy, noisy, t, prediction, short).item() == pytest.approx(0.0, abs=1e-10)
+    # a prompt longer than one encoder pass has no plain teacher: no term, but a graph that backward accepts
+    long = [" ".join(["there is a small red circle."] * 8)] * 2
+    gap = plain_teacher_gap(policy, noisy, t, prediction, long)
+    assert gap.item() == 0.0 and gap.requires_grad
+
+
+def test_plain_teacher_gap_pulls_a_segment_encoded_policy_toward_the_plain_teacher():
+    from ralign.algorithms.sft import _denoising_terms, plain_teacher_gap
+
+    torch.manual_seed(0)
+    policy = _tiny_policy("segment")
+    prompts = ["a red circle", "two blue squares"]
+    latents = torch.randn(2, *policy.latent_shape())
+    opt = torch.optim.Adam(policy.trainable_parameters(), lr=1e-2)
+    gaps = []
+    for step in range(8):
+        noisy, t, prediction, _ = _denoising_terms(policy, latents, prompts, torch.Generator().manual_seed(1))
+        gap = plain_teacher_gap(policy, noisy, t, prediction, prompts)
+        gaps.append(gap.item())
+        gap.backward()
+        opt.step()
+        opt.zero_grad()
+    assert gaps[0] > 0 and gaps[-1] < 0.5 * gaps[0]  # the same noisy latents each step: the gap must shrink

@@ -57,6 +57,30 @@ def test_each_sentence_restarts_positions(parts):
     assert torch.allclose(both[n_a], a[0], atol=1e-6)
 
 
+def test_keep_eos_keeps_each_segments_own_end_token(parts):
+    te, tok = parts
+    first, second = "there is a small red circle.", "a large blue square is also in the picture."
+    enc = SegmentEncoder(te, tok, budget=96, keep_eos=True)
+    with torch.no_grad():
+        both = enc([f"{first} {second}"])[0]
+        a = PlainEncoder(te, tok)([first])[0]
+        b = PlainEncoder(te, tok)([second])[0]
+        pad = enc.pad_embedding()
+    n_a, n_b = len(tok(first).input_ids), len(tok(second).input_ids)  # end-of-text included
+    assert torch.allclose(both[:n_a], a[:n_a], atol=1e-6)  # ends with the first sentence's end-of-text state
+    assert torch.allclose(both[n_a : n_a + n_b], b[:n_b], atol=1e-6)
+    assert torch.allclose(both[n_a + n_b :], pad.expand(96 - n_a - n_b, -1))  # the segments' padding still dropped
+    assert enc.token_count(f"{first} {second}") == n_a + n_b == SegmentEncoder(te, tok, budget=96).token_count(f"{first} {second}") + 2
+
+
+def test_keep_eos_when_padding_reuses_the_end_token(parts):
+    """CLIP's tokenizer pads with the end-of-text id: only the first one of a segment is its own."""
+    te, tok = parts
+    enc = SegmentEncoder(te, tok, budget=48, keep_eos=True)
+    ids = torch.tensor([[tok.bos_token_id, 7, 8, tok.eos_token_id, tok.eos_token_id, tok.eos_token_id]])
+    assert enc._kept(ids).tolist() == [[True, True, True, True, False, False]]
+
+
 def test_budget_truncates_and_gradients_flow(parts):
     te, tok = parts
     enc = SegmentEncoder(te, tok, budget=24)

@@ -20,6 +20,10 @@ class PolicyConfig(StrictModel):
     text_lora_rank: int = Field(8, ge=1)
     text_encoding: Literal["plain", "segment"] = "plain"  # segment: LongAlign's sentence-level encoding
     segment_budget: int = Field(96, ge=8)
+    # Keep each segment's end-of-text token. LongAlign drops them (the default); an encoder that writes the sentence's
+    # summary into that token (the toy one, and CLIP's pooled output) then loses it for every prompt, short ones
+    # included (benchmarks/results/seed_methods.md measures what that costs the toy base model).
+    segment_keep_eos: bool = False
     # TextCraftor's interpolation at inference: e = w·e_tuned + (1 − w)·e_original (1 = the tuned encoder alone);
     # needs a tuned text encoder
     text_encoder_weight: float = 1.0

@@ -3,8 +3,8 @@ segment-level encoding of prompts longer than the text encoder's token limit.
 
 Segment-level encoding (LongAlign, DESIGN.md section 1): split the prompt into sentences (a sentence longer than one
 encoder pass is split further, at word boundaries), encode each segment on its own with the frozen text encoder
-(each restarts its position embeddings), drop every end-of-text and padding token, keep each segment's
-start-of-text token, concatenate along the sequence axis, truncate to a token budget, and pad with one shared pad
+(each restarts its position embeddings), drop every end-of-text and padding token (`keep_eos` keeps each
+segment's first end-of-text token instead, a departure from the paper), keep each segment's start-of-text token, concatenate along the sequence axis, truncate to a token budget, and pad with one shared pad
 embedding: the mean of the tail (the positions after end-of-text) of the empty prompt's encoding. Cross-attention
 accepts any sequence length, so the UNet is unchanged. `overflow` says what a prompt would lose to the budget.
 """
@@ -73,14 +73,25 @@ class SegmentEncoder:
     text_encoder: torch.nn.Module
     tokenizer: object
     budget: int
+    keep_eos: bool = False  # LongAlign drops every end-of-text token; True keeps each segment's first one
 
     def __post_init__(self) -> None:
         if self.budget < self.tokenizer.model_max_length:
             raise ValueError(f"segment budget {self.budget} is below the encoder's own limit {self.tokenizer.model_max_length}")
 
-    def _special_ids(self) -> set[int]:
-        ids = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
-        return {i for i in ids if i is not None}
+    def _kept(self, ids: torch.Tensor) -> torch.Tensor:
+        """Which token positions of each segment (rows of `ids`) go into the concatenation."""
+        specials = {i for i in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if i is not None}
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        for special in specials:
+            keep &= ids != special
+        if self.keep_eos:
+            # The first end-of-text of a row is the segment's own (CLIP pads with the same id after it).
+            is_eos = ids == self.tokenizer.eos_token_id
+            has_eos = is_eos.any(dim=1)
+            first = is_eos.int().argmax(dim=1)
+            keep[has_eos.nonzero().squeeze(1), first[has_eos]] = True
+        return keep
 
     def pad_embedding(self) -> torch.Tensor:
         """Mean of the empty prompt's encoding after its end-of-text token: a neutral filler the UNet already knows."""
@@ -112,10 +123,7 @@ class SegmentEncoder:
             flat, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(self.text_encoder.device)
         hidden = self.text_encoder(ids).last_hidden_state  # one batched pass over every segment of every prompt
-        drop = self._special_ids()
-        keep = torch.ones_like(ids, dtype=torch.bool)
-        for special in drop:
-            keep &= ids != special
+        keep = self._kept(ids)
         pad = self.pad_embedding()
         out, row = [], 0
         for segs in segments_per_prompt:
@@ -129,9 +137,11 @@ class SegmentEncoder:
 
     def token_count(self, prompt: str) -> int:
         """Tokens of the concatenation before it is cut to the budget (what the budget is compared with)."""
-        ids = self.tokenizer(self.segments(prompt), truncation=True, max_length=self.tokenizer.model_max_length).input_ids
-        drop = self._special_ids()
-        return sum(sum(1 for i in seg if i not in drop) for seg in ids)
+        ids = self.tokenizer(
+            self.segments(prompt), padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
+        return int(self._kept(ids).sum())
 
     def overflow(self, prompt: str) -> str | None:
         """What of `prompt` this encoding would cut off, as a phrase for an error message; None if it reads it all."""

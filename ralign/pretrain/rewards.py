@@ -46,6 +46,20 @@ def _unique(batch: list[PromptSample]) -> list[PromptSample]:
     return out
 
 
+def _earlier_card(out: Path) -> str:
+    """The description in the card of the model being continued (its title line dropped)."""
+    card = (out / "MODEL_CARD.md").read_text(encoding="utf-8") if (out / "MODEL_CARD.md").is_file() else ""
+    return card.split("\n", 2)[-1].strip() if card else "(no card was found)"
+
+
+def _continued_note(earlier: str | None, flag: str) -> str:
+    """A card line quoting the earlier card of a model that these steps continued (empty for a fresh model)."""
+    if earlier is None:
+        return ""
+    quoted = "\n".join(f"  > {line}" if line else "  >" for line in earlier.splitlines())
+    return f"\n  These steps continued the model that was here (`{flag}`); its card said:\n{quoted}"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # reward CLIP
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,8 +212,7 @@ def train_reward_clip(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 2
     earlier = None
     if continue_steps > 0:
         model, tokenizer = rc.load_reward_clip(out)
-        card = (out / "MODEL_CARD.md").read_text(encoding="utf-8") if (out / "MODEL_CARD.md").is_file() else ""
-        earlier = card.split("\n", 2)[-1].strip() if card else "(no card was found)"
+        earlier = _earlier_card(out)
         steps = continue_steps
     else:
         model, tokenizer = rc.build_reward_clip()
@@ -233,10 +246,7 @@ def train_reward_clip(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 2
                "continued": earlier is not None}
     table = "\n".join(f"| {f} | {retrieval[f]:.3f} | {near_acc[f]:.3f} |" for f in FAMILIES)
     kinds = "; ".join(f"{f}: {', '.join(k)}" for f, k in NEAR_MISSES.items())
-    continued = ""
-    if earlier is not None:
-        quoted = "\n".join(f"  > {line}" if line else "  >" for line in earlier.splitlines())
-        continued = f"\n  These steps continued the model that was here (`--continue-reward-clip`); its card said:\n{quoted}"
+    continued = _continued_note(earlier, "--continue-reward-clip")
     _write_card(out, "Toy reward CLIP (open_clip `CLIP`, custom config)", f"""
 Scores text-image agreement (CLIP score) as a reward; LongAlign decomposes its text embedding.
 - Data: renders of generated prompts of every family and colour-shape combination (split `all`), fresh each step,
@@ -384,20 +394,45 @@ def _pair_accuracy(model, tokenizer, seed: int, n: int = 60) -> dict:
 # captioner
 # ---------------------------------------------------------------------------------------------------------------
 
-def train_captioner(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 500, batch: int = 32, lr: float = 5e-4) -> dict:
+def train_captioner(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 500, batch: int = 32, lr: float = 5e-4,
+                    near_misses_per_image: int = 0, rank_weight: float = 1.0, continue_steps: int = 0,
+                    eval_prompts: int = 64) -> dict:
+    """Teacher forcing on renders. With `near_misses_per_image > 0` each image also gets near misses of its scene
+    (the generated look applied to all of them) and a Bradley-Terry loss on the caption reward itself: the prompt's
+    NLL given its own image must be below its NLL given each near miss. Likelihood training alone never shows the
+    captioner an image that almost matches a prompt, which is what a reward has to tell apart on generated images.
+    `continue_steps > 0` trains the captioner already in `out_dir` for that many more steps; its card keeps the
+    earlier training's description."""
+    out = Path(out_dir)
+    earlier = None
+    if continue_steps > 0:
+        model, tokenizer = cap.load_captioner(out)
+        earlier = _earlier_card(out)
+        steps = continue_steps
+    else:
+        model, tokenizer = cap.build_captioner()
+        steps = _steps(steps, scale)
     torch.manual_seed(seed)
-    steps = _steps(steps, scale)
-    model, tokenizer = cap.build_captioner()
+    rng, gen = np.random.default_rng(seed + 32), torch.Generator().manual_seed(seed + 33)
+    look = GeneratedLook(out.parent / "base" / "vae") if near_misses_per_image > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    sched = cosine_lr(opt, steps)
+    sched = cosine_lr(opt, steps, warmup=min(100, max(1, steps // 10)) if earlier is not None else 100)
     stream = sample_stream(batch, seed=seed + 31)
     progress = Progress("captioner", steps, max(1, min(100, steps)))
     model.train()
     for i in range(steps):
         samples = next(stream)
-        nll = cap.caption_nll(model, tokenizer, _images01(samples), [s.prompt for s in samples])
-        _, _, mask = cap.caption_batch(tokenizer, [s.prompt for s in samples])
-        loss = nll.sum() / mask[:, 1:].sum()  # mean per token
+        prompts = [s.prompt for s in samples]
+        images = _images01(samples)
+        _, _, mask = cap.caption_batch(tokenizer, prompts)
+        if look is None:
+            loss = cap.caption_nll(model, tokenizer, images, prompts).sum() / mask[:, 1:].sum()  # mean per token
+        else:
+            k = near_misses_per_image
+            looked = look(torch.cat([images, near_miss_images01(samples, k, rng)]), gen)
+            nll = cap.caption_nll(model, tokenizer, looked, prompts + [p for p in prompts for _ in range(k)])
+            own, near = nll[: len(prompts)], nll[len(prompts):].view(len(prompts), k)
+            loss = own.sum() / mask[:, 1:].sum() + rank_weight * F.softplus(own[:, None] - near).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -405,27 +440,57 @@ def train_captioner(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 500
         opt.zero_grad(set_to_none=True)
         progress.step(i, loss.item())
     model.eval()
-    out = Path(out_dir)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     quality = _caption_quality(model, tokenizer, seed)
-    metrics = {"steps": steps, "batch": batch, "wall_s": round(progress.wall_s, 1), "params": parameter_count(model), **quality}
-    table = "\n".join(f"| {f} | {q['nll_per_token']:.3f} | {q['nll_right_lt_wrong']:.3f} | {q['greedy_exact']:.3f} |"
+    eval_look = look or GeneratedLook(out.parent / "base" / "vae")
+    near_acc = caption_near_miss_accuracy(model, tokenizer, eval_look, n=eval_prompts)
+    metrics = {"steps": steps, "batch": batch, "near_misses_per_image": near_misses_per_image, "rank_weight": rank_weight,
+               "wall_s": round(progress.wall_s, 1), "params": parameter_count(model), **quality,
+               "near_miss_accuracy": near_acc, "continued": earlier is not None}
+    table = "\n".join(f"| {f} | {q['nll_per_token']:.3f} | {q['nll_right_lt_wrong']:.3f} | {q['greedy_exact']:.3f} | {near_acc[f]:.3f} |"
                       for f, q in quality["families"].items())
+    if near_misses_per_image > 0:
+        kinds = "; ".join(f"{f}: {', '.join(k)}" for f, k in NEAR_MISSES.items())
+        data = (f"renders of generated prompts of every family (split `all`), caption = \"{cap.CAPTION_PREFIX} \" + prompt,\n"
+                f"  with the generated look ({eval_look.describe()}); {near_misses_per_image} near misses per image, each its\n"
+                f"  scene with one mistake its family's prompts can express ({kinds})")
+        objective = f"teacher forcing (token cross-entropy) + {rank_weight} x Bradley-Terry on the NLL (own image below each near miss)"
+    else:
+        data = f"renders of generated prompts of every family (split `all`), caption = \"{cap.CAPTION_PREFIX} \" + prompt"
+        objective = "teacher forcing, token cross-entropy"
+    continued = _continued_note(earlier, "--continue-captioner")
     _write_card(out, "Toy captioner (transformers `BlipForConditionalGeneration`)", f"""
 CoMat's concept-matching model: the reward is minus the per-sample NLL of the prompt given the image
 (`caption_nll`, prefix "{cap.CAPTION_PREFIX}" masked out).
-- Data: renders of generated prompts of every family (split `all`), caption = "{cap.CAPTION_PREFIX} " + prompt.
-- Training: teacher forcing, token cross-entropy, {steps} steps, batch {batch}, AdamW lr {lr}, cosine;
-  wall time {metrics['wall_s']} s. Parameters: {metrics['params']:,}.
+- Data: {data}.
+- Training: {objective}, {steps} steps, batch {batch}, AdamW lr {lr}, cosine;
+  wall time {metrics['wall_s']} s. Parameters: {metrics['params']:,}.{continued}
 - Quality on 32 held-out `test` prompts per family: NLL per prompt token; how often the right prompt has lower NLL
-  than the prompt of another image of the same family; greedy caption exactly equal to the prompt:
+  than the prompt of another image of the same family; greedy caption exactly equal to the prompt; and on
+  {eval_prompts} per family, near-miss accuracy (the prompt's NLL lower given its own image than given a near miss,
+  both with the generated look; chance 0.5):
 
-| family | NLL / token | right < wrong | greedy exact |
-| --- | --- | --- | --- |
+| family | NLL / token | right < wrong | greedy exact | near-miss accuracy |
+| --- | --- | --- | --- | --- |
 {table}
 """)
     return metrics
+
+
+@torch.no_grad()
+def caption_near_miss_accuracy(model, tokenizer, look: GeneratedLook, n: int = 64, seed: int = 321) -> dict:
+    """Per family, how often the captioner gives a held-out prompt a lower NLL on its own image than on a near miss
+    of it, both with the generated look (chance 0.5). The near miss is wrong by construction, not by the oracle."""
+    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    out = {}
+    for fam in FAMILIES:
+        samples = generate(fam, n, "test", seed=seed)
+        prompts = [s.prompt for s in samples]
+        good = cap.caption_nll(model, tokenizer, look(_images01(samples), gen), prompts)
+        bad = cap.caption_nll(model, tokenizer, look(near_miss_images01(samples, 1, rng), gen), prompts)
+        out[fam] = round(float((good < bad).float().mean()), 3)
+    return out
 
 
 @torch.no_grad()

@@ -267,6 +267,9 @@ class SFTConfig(StrictModel):
     lr: float = Field(1e-3, gt=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
     caption_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    # Weight of the gap to the pretrained model reading the prompt through the plain encoding (short prompts only;
+    # ralign.algorithms.sft.plain_teacher_gap); 0 = LongAlign's stage 1 as published
+    distill_weight: float = Field(0.0, ge=0.0)
     seed: int = 0
     out: str = "runs/sft"
     log_every: int = Field(50, ge=1)
