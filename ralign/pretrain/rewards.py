@@ -52,6 +52,14 @@ def _earlier_card(out: Path) -> str:
     return card.split("\n", 2)[-1].strip() if card else "(no card was found)"
 
 
+def _start_model(out: Path, load, build, continue_steps: int, steps: int, scale: float):
+    """(model, tokenizer, steps, earlier card or None): the model in `out` continued for `continue_steps`, or a fresh
+    one for `steps` x `scale`."""
+    if continue_steps > 0:
+        return (*load(out), continue_steps, _earlier_card(out))
+    return (*build(), _steps(steps, scale), None)
+
+
 def _continued_note(earlier: str | None, flag: str) -> str:
     """A card line quoting the earlier card of a model that these steps continued (empty for a fresh model)."""
     if earlier is None:
@@ -209,14 +217,7 @@ def train_reward_clip(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 2
     `continue_steps > 0` instead trains the reward CLIP already in `out_dir` for that many more steps (warm-up 10 %,
     `lr` as given), and its card keeps the earlier training's description."""
     out = Path(out_dir)
-    earlier = None
-    if continue_steps > 0:
-        model, tokenizer = rc.load_reward_clip(out)
-        earlier = _earlier_card(out)
-        steps = continue_steps
-    else:
-        model, tokenizer = rc.build_reward_clip()
-        steps = _steps(steps, scale)
+    model, tokenizer, steps, earlier = _start_model(out, rc.load_reward_clip, rc.build_reward_clip, continue_steps, steps, scale)
     torch.manual_seed(seed)
     rng, gen = np.random.default_rng(seed + 12), torch.Generator().manual_seed(seed + 13)
     look = GeneratedLook(out.parent / "base" / "vae")
@@ -404,14 +405,7 @@ def train_captioner(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 500
     `continue_steps > 0` trains the captioner already in `out_dir` for that many more steps; its card keeps the
     earlier training's description."""
     out = Path(out_dir)
-    earlier = None
-    if continue_steps > 0:
-        model, tokenizer = cap.load_captioner(out)
-        earlier = _earlier_card(out)
-        steps = continue_steps
-    else:
-        model, tokenizer = cap.build_captioner()
-        steps = _steps(steps, scale)
+    model, tokenizer, steps, earlier = _start_model(out, cap.load_captioner, cap.build_captioner, continue_steps, steps, scale)
     torch.manual_seed(seed)
     rng, gen = np.random.default_rng(seed + 32), torch.Generator().manual_seed(seed + 33)
     look = GeneratedLook(out.parent / "base" / "vae") if near_misses_per_image > 0 else None
