@@ -108,10 +108,18 @@ def samples_to_target(summary: dict, cfg: TrainConfig) -> dict:
     return out
 
 
+# Policy settings added after rows were stored, with the default that reproduces the older behaviour. At that default
+# a setting cannot change a row's numbers, so it stays out of the digest and the stored rows stay valid.
+_POLICY_SETTINGS_ADDED = {"segment_keep_eos": False}
+
+
 def _digest(cfg: TrainConfig | None, n_per_family: int) -> str:
+    if cfg is None:
+        return hashlib.sha256(f"base-{n_per_family}".encode()).hexdigest()[:12]
     # Settings that cannot change a row's numbers stay out, so adding one does not invalidate every stored row.
-    text = cfg.model_dump_json(exclude={"tracking": True, "reward": {"deployment"},
-                                                 "ray": {"metric_wait_s", "reward_timeout_s", "max_score_attempts", "max_reward_errors"}}) if cfg is not None else f"base-{n_per_family}"
+    at_default = {k for k, default in _POLICY_SETTINGS_ADDED.items() if getattr(cfg.model.policy, k) == default}
+    text = cfg.model_dump_json(exclude={"tracking": True, "reward": {"deployment"}, "model": {"policy": at_default},
+                                        "ray": {"metric_wait_s", "reward_timeout_s", "max_score_attempts", "max_reward_errors"}})
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

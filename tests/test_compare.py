@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 from ralign.world.prompts import FAMILIES
 
@@ -66,3 +67,16 @@ def test_compare_base_and_comat_tiny(ralign_cli_inprocess, tmp_path, monkeypatch
     assert result.exit_code == 0 and "reusing comat" in caplog.text, (result.output[-3000:], result.exception)
     rows = json.loads(js.read_text())["rows"]
     assert rows["comat"]["run_id"] == comat["run_id"] and list(rows) == ["base", "comat", "flow_base"]
+
+
+def test_a_setting_added_at_its_old_behaviour_keeps_stored_rows_valid():
+    """Adding a policy setting must not make every committed row look stale: at the default that reproduces the older
+    behaviour it stays out of the digest; set otherwise it is part of it."""
+    from jobs.compare import _digest, method_config
+
+    committed = json.loads((Path(__file__).parents[1] / "benchmarks/results/compare.json").read_text())
+    cfg = method_config("comat", 100, None, [])
+    assert not cfg.model.policy.segment_keep_eos
+    assert _digest(cfg, 100) == committed["rows"]["comat"]["config_digest"]
+    kept = method_config("comat", 100, None, ["model.policy.segment_keep_eos=true"])
+    assert _digest(kept, 100) != _digest(cfg, 100)
