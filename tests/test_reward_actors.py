@@ -70,8 +70,12 @@ def test_comat_terms_score_in_a_reward_actor_from_what_the_sampler_ships(ray_loc
     torch.manual_seed(0)
     policy = build_policy(POLICY)
     traj = policy.sample(prompts, [5, 6], attention_steps=[1, 3])
+    # The sampler ships images as 8-bit; the in-process chain's images are those up to rounding, and the terms that
+    # read images (the captioner's NLL) are compared on the images the actor received.
+    shipped = _as_images(rollout.images)
+    assert float((shipped - traj.images).abs().max()) <= 0.5 / 255 + 1e-6
     with torch.no_grad():
-        expected = local(traj.images, prompts, latents=traj.latents[:, -1],
+        expected = local(shipped, prompts, latents=traj.latents[:, -1],
                          attention={"maps": traj.attention, "token_offsets": [token_offsets(policy.tokenizer, p) for p in prompts]})
     assert "skipped_terms" not in scored.components and set(scored.components) == set(expected.components)
     for key in ("grounded_attention/token_loss", "grounded_attention/pixel_loss", "fidelity/adv_g_loss", "caption"):
