@@ -196,18 +196,24 @@ def _retrieval(model, tokenizer, n: int = 64, seed: int = 321) -> dict:
 
 
 @torch.no_grad()
-def near_miss_accuracy(model, tokenizer, look: GeneratedLook, n: int = 64, seed: int = 321) -> dict:
-    """Per family, how often the model scores a held-out prompt's own image above a near miss of it, both with the
-    generated look (chance 0.5). The oracle is not involved: the near miss is wrong by construction."""
+def near_miss_accuracy(score, look: GeneratedLook, n: int = 64, seed: int = 321) -> dict:
+    """Per family, how often `score(images01, prompts)` (higher = better match) rates a held-out prompt's own image
+    above a near miss of it, both with the generated look (chance 0.5). The oracle is not involved: the near miss is
+    wrong by construction."""
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     out = {}
     for fam in FAMILIES:
         samples = generate(fam, n, "test", seed=seed)
-        txt = rc.encode_texts(model, tokenizer, [s.prompt for s in samples])
-        good = rc.encode_images(model, look(_images01(samples), gen))
-        bad = rc.encode_images(model, look(near_miss_images01(samples, 1, rng), gen))
-        out[fam] = round(float(((good * txt).sum(-1) > (bad * txt).sum(-1)).float().mean()), 3)
+        prompts = [s.prompt for s in samples]
+        good = score(look(_images01(samples), gen), prompts)
+        bad = score(look(near_miss_images01(samples, 1, rng), gen), prompts)
+        out[fam] = round(float((good > bad).float().mean()), 3)
     return out
+
+
+def clip_similarity(model, tokenizer):
+    """The reward CLIP's cosine similarity as a `near_miss_accuracy` score."""
+    return lambda images01, prompts: (rc.encode_images(model, images01) * rc.encode_texts(model, tokenizer, prompts)).sum(-1)
 
 
 def train_reward_clip(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 2000, batch: int = 64, lr: float = 5e-4,
@@ -241,7 +247,7 @@ def train_reward_clip(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 2
     model.eval()
     rc.save_reward_clip(model, tokenizer, out)
     retrieval = _retrieval(model, tokenizer, n=eval_prompts)
-    near_acc = near_miss_accuracy(model, tokenizer, look, n=eval_prompts)
+    near_acc = near_miss_accuracy(clip_similarity(model, tokenizer), look, n=eval_prompts)
     metrics = {"steps": steps, "batch": batch, "near_misses_per_image": near_misses_per_image, "wall_s": round(progress.wall_s, 1),
                "params": parameter_count(model), "retrieval_top1": retrieval, "near_miss_accuracy": near_acc,
                "continued": earlier is not None}
@@ -438,7 +444,8 @@ def train_captioner(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 500
     tokenizer.save_pretrained(str(out))
     quality = _caption_quality(model, tokenizer, seed)
     eval_look = look or GeneratedLook(out.parent / "base" / "vae")
-    near_acc = caption_near_miss_accuracy(model, tokenizer, eval_look, n=eval_prompts)
+    near_acc = near_miss_accuracy(lambda images01, prompts: -cap.caption_nll(model, tokenizer, images01, prompts),
+                                  eval_look, n=eval_prompts)
     metrics = {"steps": steps, "batch": batch, "near_misses_per_image": near_misses_per_image, "rank_weight": rank_weight,
                "wall_s": round(progress.wall_s, 1), "params": parameter_count(model), **quality,
                "near_miss_accuracy": near_acc, "continued": earlier is not None}
@@ -470,21 +477,6 @@ CoMat's concept-matching model: the reward is minus the per-sample NLL of the pr
 {table}
 """)
     return metrics
-
-
-@torch.no_grad()
-def caption_near_miss_accuracy(model, tokenizer, look: GeneratedLook, n: int = 64, seed: int = 321) -> dict:
-    """Per family, how often the captioner gives a held-out prompt a lower NLL on its own image than on a near miss
-    of it, both with the generated look (chance 0.5). The near miss is wrong by construction, not by the oracle."""
-    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    out = {}
-    for fam in FAMILIES:
-        samples = generate(fam, n, "test", seed=seed)
-        prompts = [s.prompt for s in samples]
-        good = cap.caption_nll(model, tokenizer, look(_images01(samples), gen), prompts)
-        bad = cap.caption_nll(model, tokenizer, look(near_miss_images01(samples, 1, rng), gen), prompts)
-        out[fam] = round(float((good < bad).float().mean()), 3)
-    return out
 
 
 @torch.no_grad()
