@@ -91,6 +91,10 @@ def world_pretrain(
     continue_captioner: Annotated[int, typer.Option(min=0, help="With captioner: train the captioner of OUT/captioner for this many more steps.")] = 0,
     captioner_near_misses: Annotated[int, typer.Option(min=0, help="With captioner: near misses per image, ranked below the image by the caption reward (0: likelihood only).")] = 0,
     captioner_lr: Annotated[Optional[float], typer.Option(help="Captioner learning rate (default 5e-4).")] = None,
+    continue_segmenter: Annotated[int, typer.Option(min=0, help="With segmenter: train the segmenter of OUT/segmenter for this many more steps.")] = 0,
+    segmenter_shared_absent: Annotated[float, typer.Option(min=0.0, max=1.0, help="With segmenter: fraction of absent phrases that share a colour or shape with a present object.")] = 0.0,
+    segmenter_look: Annotated[bool, typer.Option(help="With segmenter: give the training images the base model's generated look.")] = False,
+    segmenter_lr: Annotated[Optional[float], typer.Option(help="Segmenter learning rate (default 1e-3).")] = None,
     flow_steps: Annotated[Optional[int], typer.Option(min=1, help="With flow: training steps of the flow transformer (default 6000, times --scale).")] = None,
     continue_flow: Annotated[bool, typer.Option(help="With flow: continue from the transformer in OUT/flow instead of a random init.")] = False,
 ) -> None:
@@ -103,6 +107,8 @@ def world_pretrain(
                            continue_reward_clip_steps=continue_reward_clip, reward_clip_lr=reward_clip_lr,
                            captioner_overrides={"continue_steps": continue_captioner, "near_misses_per_image": captioner_near_misses,
                                                 **({"lr": captioner_lr} if captioner_lr is not None else {})},
+                           segmenter_overrides={"continue_steps": continue_segmenter, "shared_absent": segmenter_shared_absent,
+                                                "generated_look": segmenter_look, **({"lr": segmenter_lr} if segmenter_lr is not None else {})},
                            flow_overrides={**({"steps": flow_steps} if flow_steps else {}),
                                            **({"init": str(out / "flow" / "transformer")} if continue_flow else {})})
     typer.echo(json.dumps(results, indent=2))

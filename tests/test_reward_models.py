@@ -151,3 +151,38 @@ def test_captioner_near_miss_training_writes_a_loadable_model_and_card(tmp_path)
     card = (tmp_path / "captioner" / "MODEL_CARD.md").read_text()
     assert "Bradley-Terry on the NLL" in card and "near-miss accuracy" in card and "its card said:" in card
     assert "round trip through the base VAE" in card
+
+
+def test_shared_absent_phrases_name_a_missing_object_that_shares_a_colour_or_shape():
+    import numpy as np
+
+    from ralign.pretrain.rewards import _absent_combo, _segmentation_example
+    from ralign.world.prompts import generate
+
+    rng = np.random.default_rng(0)
+    for sample in generate("binding", 40, "test", seed=3):
+        present = {o.combo for o in sample.scene.objects}
+        colour, shape = _absent_combo(sample.scene.objects, rng, shared=True)
+        assert (colour, shape) not in present
+        assert colour in {c for c, _ in present} or shape in {s for _, s in present}
+    # with every absent phrase shared, an absent phrase's target is empty and a present one's is not
+    for sample in generate("binding", 40, "test", seed=4):
+        phrase, mask = _segmentation_example(sample, rng, shared_absent=1.0)
+        named = tuple(phrase.split()) if len(phrase.split()) == 2 else None
+        if named is not None:
+            assert (mask.sum() > 0) == (named in {o.combo for o in sample.scene.objects})
+
+
+def test_segmenter_continued_with_shared_absent_phrases_writes_a_loadable_model_and_card(tmp_path):
+    from ralign.pretrain.rewards import train_segmenter
+
+    shutil.copytree(TOY_DIR / "base" / "vae", tmp_path / "base" / "vae")
+    shutil.copytree(TOY_DIR / "segmenter", tmp_path / "segmenter")
+    before = {k: v.clone() for k, v in seg.load_segmenter(tmp_path / "segmenter")[0].state_dict().items()}
+    metrics = train_segmenter(tmp_path / "segmenter", continue_steps=2, batch=4, lr=1e-4, shared_absent=0.5, generated_look=True)
+    assert metrics["continued"] and metrics["steps"] == 2
+    assert 0.0 <= metrics["false_detection_rate_shared"] <= 1.0 and 0.0 <= metrics["iou_present"] <= 1.0
+    model, _ = seg.load_segmenter(tmp_path / "segmenter")
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    card = (tmp_path / "segmenter" / "MODEL_CARD.md").read_text()
+    assert "share a colour or a shape" in card and "its card said:" in card and "round trip through the base VAE" in card

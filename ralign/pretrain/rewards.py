@@ -503,10 +503,24 @@ def _caption_quality(model, tokenizer, seed: int, n: int = 32) -> dict:
 # segmenter
 # ---------------------------------------------------------------------------------------------------------------
 
-def _segmentation_example(sample: PromptSample, rng) -> tuple[str, np.ndarray]:
+def _absent_combo(objs, rng, shared: bool) -> tuple[str, str]:
+    """A colour-shape combination not in the scene; with `shared`, one that shares its colour or its shape with an
+    object that is there (a blue square's "blue circle"), when the scene allows one."""
+    present = {x.combo for x in objs}
+    absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+    if shared:
+        colours, shapes = {c for c, _ in present}, {s for _, s in present}
+        near = [(c, s) for c, s in absent if c in colours or s in shapes]
+        absent = near or absent
+    return absent[int(rng.integers(len(absent)))]
+
+
+def _segmentation_example(sample: PromptSample, rng, shared_absent: float = 0.0) -> tuple[str, np.ndarray]:
     """A phrase and its target mask: a present "colour shape" (55 %), a bare shape noun (15 %), or an absent object
     (30 %: CoMat's pixel loss pushes attention out of the whole image for a missing object, so an empty mask must
-    come out empty)."""
+    come out empty). A fraction `shared_absent` of the absent phrases share a colour or a shape with an object that is
+    there: those are the ones a segmenter trained on random absent phrases fires on (it learns "red" or "circle", not
+    "red circle"), and on a swapped-colour image they are exactly the phrases CoMat's concentration loss asks about."""
     objs, jitter = sample.scene.objects, sample.scene.jitter
     r = rng.random()
     if r < 0.55:
@@ -518,9 +532,7 @@ def _segmentation_example(sample: PromptSample, rng) -> tuple[str, np.ndarray]:
         members = [k for k, x in enumerate(objs) if x.shape == shape]
         phrase = shape if len(members) <= 1 else shape + "s"
     else:
-        present = {x.combo for x in objs}
-        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
-        c, s = absent[int(rng.integers(len(absent)))]
+        c, s = _absent_combo(objs, rng, shared=rng.random() < shared_absent)
         members, phrase = [], f"{c} {s}"
     mask = np.zeros((64, 64), dtype=np.float32)
     for k in members:
@@ -528,21 +540,29 @@ def _segmentation_example(sample: PromptSample, rng) -> tuple[str, np.ndarray]:
     return phrase, mask
 
 
-def train_segmenter(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 1500, batch: int = 32, lr: float = 1e-3) -> dict:
+def train_segmenter(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 1500, batch: int = 32, lr: float = 1e-3,
+                    shared_absent: float = 0.0, generated_look: bool = False, continue_steps: int = 0) -> dict:
+    """BCE + soft Dice on renders against the renderer's coverage masks. `shared_absent`: the fraction of absent
+    phrases that share a colour or shape with a present object (`_segmentation_example`); `generated_look`: the
+    images get the base model's look (`GeneratedLook`; masks unchanged), since CoMat segments generated images.
+    `continue_steps > 0` trains the segmenter already in `out_dir` for that many more steps; its card keeps the
+    earlier training's description."""
+    out = Path(out_dir)
+    model, tokenizer, steps, earlier = _start_model(out, seg.load_segmenter, seg.build_segmenter, continue_steps, steps, scale)
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed + 41)
-    steps = _steps(steps, scale)
-    model, tokenizer = seg.build_segmenter()
+    rng, gen = np.random.default_rng(seed + 41), torch.Generator().manual_seed(seed + 43)
+    look = GeneratedLook(out.parent / "base" / "vae") if generated_look else None
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = cosine_lr(opt, steps)
-    stream = sample_stream(batch, seed=seed + 42)
+    sched = cosine_lr(opt, steps, warmup=min(100, max(1, steps // 10)) if earlier is not None else 100)
+    stream = sample_stream(batch, seed=seed + 42 + (1000 if earlier is not None else 0))
     progress = Progress("segmenter", steps, max(1, min(100, steps)))
     model.train()
     for i in range(steps):
         samples = next(stream)
-        phrases, masks = zip(*[_segmentation_example(s, rng) for s in samples])
+        phrases, masks = zip(*[_segmentation_example(s, rng, shared_absent) for s in samples])
         target = torch.from_numpy(np.stack(masks))
-        logits = seg.segment_logits(model, tokenizer, _images01(samples), phrases)
+        images = _images01(samples) if look is None else look(_images01(samples), gen)
+        logits = seg.segment_logits(model, tokenizer, images, phrases)
         prob = torch.sigmoid(logits)
         # BCE for every pixel + a soft Dice term, since objects cover only a few percent of the image.
         dice = 1 - (2 * (prob * target).sum((1, 2)) + 1) / (prob.sum((1, 2)) + target.sum((1, 2)) + 1)
@@ -554,23 +574,27 @@ def train_segmenter(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 150
         opt.zero_grad(set_to_none=True)
         progress.step(i, loss.item())
     model.eval()
-    out = Path(out_dir)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     quality = _segmentation_quality(model, tokenizer, seed)
-    metrics = {"steps": steps, "batch": batch, "wall_s": round(progress.wall_s, 1), "params": parameter_count(model), **quality}
+    metrics = {"steps": steps, "batch": batch, "shared_absent": shared_absent, "generated_look": generated_look,
+               "wall_s": round(progress.wall_s, 1), "params": parameter_count(model), **quality, "continued": earlier is not None}
+    absent_note = (f"; {shared_absent:.0%} of those share a colour or a shape with an object that is there" if shared_absent else "")
+    look_note = f"\n  Every image given the generated look: {look.describe()}." if look is not None else ""
+    continued = _continued_note(earlier, "--continue-segmenter")
     _write_card(out, "Toy text-prompted segmenter (transformers `CLIPSegForImageSegmentation`)", f"""
 Stands in for Grounded-SAM in CoMat's attribute concentration: a noun phrase ("red circle", "circle", "circles")
 in, a per-pixel probability map out at image resolution.
 - Data: renders of generated prompts (split `all`); targets from the renderer's own coverage masks (union of the
-  matching objects; an empty mask for 30 % absent-object phrases).
+  matching objects; an empty mask for 30 % absent-object phrases{absent_note}).{look_note}
 - Training: BCE + 0.5 x soft Dice, {steps} steps, batch {batch}, AdamW lr {lr}, cosine; wall time {metrics['wall_s']} s.
-  Parameters: {metrics['params']:,}.
-- Quality on 120 held-out `test` images: mean IoU (threshold 0.5) for present "colour shape" phrases
-  {quality['iou_present']:.3f}; fraction of absent-object phrases with any pixel above 0.5
-  {quality['false_positive_rate']:.3f}, with at least {seg.MIN_DETECTION_AREA} pixels above 0.5 (what
-  `ralign.models.grounded_segmenter.ToySegmenter` counts as found) {quality['false_detection_rate']:.3f}; present
-  phrases missed by that rule {quality['missed_detection_rate']:.3f}.
+  Parameters: {metrics['params']:,}.{continued}
+- Quality on {quality['n_images']} held-out `test` images (clean renders): mean IoU (threshold 0.5) for present "colour shape"
+  phrases {quality['iou_present']:.3f}; present phrases missed {quality['missed_detection_rate']:.3f}. Absent-object
+  phrases, a random one per image / one sharing a colour or shape with an object that is there: any pixel above 0.5
+  {quality['false_positive_rate']:.3f} / {quality['false_positive_rate_shared']:.3f}; found, i.e. at least
+  {seg.MIN_DETECTION_AREA} pixels above 0.5 (what `ralign.models.grounded_segmenter.ToySegmenter` counts)
+  {quality['false_detection_rate']:.3f} / {quality['false_detection_rate_shared']:.3f}.
 """)
     return metrics
 
@@ -580,8 +604,8 @@ def _segmentation_quality(model, tokenizer, seed: int, n: int = 120) -> dict:
     rng = np.random.default_rng(seed + 77)
     samples = [s for f in ("single", "binding", "spatial", "long") for s in generate(f, n // 4, "test", seed=seed + 8)]
     images = _images01(samples)
-    ious, fps = [], []
-    present_phrases, present_masks, absent_phrases = [], [], []
+    ious = []
+    present_phrases, present_masks, absent_phrases, shared_phrases = [], [], [], []
     for s in samples:
         o = s.scene.objects[int(rng.integers(len(s.scene.objects)))]
         members = [k for k, x in enumerate(s.scene.objects) if x.combo == o.combo]
@@ -590,21 +614,20 @@ def _segmentation_quality(model, tokenizer, seed: int, n: int = 120) -> dict:
             mask = np.maximum(mask, object_mask(s.scene.objects[k], s.scene.jitter[k]))
         present_phrases.append(f"{o.color} {o.shape}")
         present_masks.append(mask > 0.5)
-        present = {x.combo for x in s.scene.objects}
-        absent = [(c, sh) for c in COLORS for sh in SHAPES if (c, sh) not in present]
-        c, sh = absent[int(rng.integers(len(absent)))]
-        absent_phrases.append(f"{c} {sh}")
+        absent_phrases.append(" ".join(_absent_combo(s.scene.objects, rng, shared=False)))
+        shared_phrases.append(" ".join(_absent_combo(s.scene.objects, rng, shared=True)))
     pred = seg.segment(model, tokenizer, images, present_phrases).numpy() > 0.5
     missed = [p.sum() < seg.MIN_DETECTION_AREA for p in pred]
     for p, m in zip(pred, present_masks):
         union = (p | m).sum()
         ious.append((p & m).sum() / union if union else 1.0)
-    pred_absent = seg.segment(model, tokenizer, images, absent_phrases).numpy() > 0.5
-    fps = [p.any() for p in pred_absent]
-    false_detections = [p.sum() >= seg.MIN_DETECTION_AREA for p in pred_absent]
-    return {"iou_present": round(float(np.mean(ious)), 4), "false_positive_rate": round(float(np.mean(fps)), 4),
-            "false_detection_rate": round(float(np.mean(false_detections)), 4),
-            "missed_detection_rate": round(float(np.mean(missed)), 4)}
+    out = {"n_images": len(samples), "iou_present": round(float(np.mean(ious)), 4),
+           "missed_detection_rate": round(float(np.mean(missed)), 4)}
+    for suffix, phrases in (("", absent_phrases), ("_shared", shared_phrases)):
+        pred_absent = seg.segment(model, tokenizer, images, phrases).numpy() > 0.5
+        out[f"false_positive_rate{suffix}"] = round(float(np.mean([p.any() for p in pred_absent])), 4)
+        out[f"false_detection_rate{suffix}"] = round(float(np.mean([p.sum() >= seg.MIN_DETECTION_AREA for p in pred_absent])), 4)
+    return out
 
 
 __all__ = ["train_reward_clip", "train_preference", "train_captioner", "train_segmenter", "corrupt", "CORRUPTIONS"]

@@ -106,13 +106,15 @@ def pretrain_all(
     continue_reward_clip_steps: int = 0,
     reward_clip_lr: float | None = None,
     captioner_overrides: dict | None = None,
+    segmenter_overrides: dict | None = None,
     t2i_overrides: dict | None = None,
     flow_overrides: dict | None = None,
 ) -> dict:
     """Train the requested parts into `out`. `continue_unet_steps > 0` (with part t2i) instead trains the UNet of the
     pipeline already in `out/base` for that many more steps, keeping its text encoder and VAE. `t2i_overrides`:
     fields of `T2IPretrainConfig` to change (e.g. smaller batches for a smoke run), applied after `scale`;
-    `captioner_overrides`: keyword arguments of `ralign.pretrain.rewards.train_captioner` (near misses, continuing);
+    `captioner_overrides` / `segmenter_overrides`: keyword arguments of `ralign.pretrain.rewards.train_captioner` /
+    `train_segmenter` (near misses or shared-colour absent phrases, continuing);
     `flow_overrides`: fields of `ralign.pretrain.flow.FlowPretrainConfig` (e.g. `init` to continue a run)."""
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
@@ -157,6 +159,8 @@ def pretrain_all(
             extra["lr"] = reward_clip_lr
         if part == "captioner":
             extra.update(captioner_overrides or {})
+        if part == "segmenter":
+            extra.update(segmenter_overrides or {})
         if part == "flow":
             extra.update(flow_overrides or {})
         results[part] = trainer(out / part, seed=seed, scale=scale, **extra)
