@@ -92,7 +92,7 @@ def world_pretrain(
     captioner_near_misses: Annotated[int, typer.Option(min=0, help="With captioner: near misses per image, ranked below the image by the caption reward (0: likelihood only).")] = 0,
     captioner_lr: Annotated[Optional[float], typer.Option(help="Captioner learning rate (default 5e-4).")] = None,
     continue_segmenter: Annotated[int, typer.Option(min=0, help="With segmenter: train the segmenter of OUT/segmenter for this many more steps.")] = 0,
-    segmenter_shared_absent: Annotated[float, typer.Option(min=0.0, max=1.0, help="With segmenter: fraction of absent phrases that share a colour or shape with a present object.")] = 0.0,
+    segmenter_shared_absent: Annotated[float, typer.Option(min=0.0, max=1.0, help="With segmenter: fraction of absent phrases that share the colour of a present object.")] = 0.0,
     segmenter_look: Annotated[bool, typer.Option(help="With segmenter: give the training images the base model's generated look.")] = False,
     segmenter_lr: Annotated[Optional[float], typer.Option(help="Segmenter learning rate (default 1e-3).")] = None,
     flow_steps: Annotated[Optional[int], typer.Option(min=1, help="With flow: training steps of the flow transformer (default 6000, times --scale).")] = None,

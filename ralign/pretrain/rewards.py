@@ -504,22 +504,23 @@ def _caption_quality(model, tokenizer, seed: int, n: int = 32) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 def _absent_combo(objs, rng, shared: bool) -> tuple[str, str]:
-    """A colour-shape combination not in the scene; with `shared`, one that shares its colour or its shape with an
-    object that is there (a blue square's "blue circle"), when the scene allows one."""
+    """A colour-shape combination not in the scene; with `shared`, one that shares its colour with an object that is
+    there (a red square's "red circle"), else its shape, when the scene allows one. The committed segmenter found
+    such colour-sharing phrases 97 % of the time (it had learnt the colour, not the pair) against 0.3 % for
+    shape-sharing ones."""
     present = {x.combo for x in objs}
     absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
     if shared:
         colours, shapes = {c for c, _ in present}, {s for _, s in present}
-        near = [(c, s) for c, s in absent if c in colours or s in shapes]
-        absent = near or absent
+        absent = ([(c, s) for c, s in absent if c in colours] or [(c, s) for c, s in absent if s in shapes] or absent)
     return absent[int(rng.integers(len(absent)))]
 
 
 def _segmentation_example(sample: PromptSample, rng, shared_absent: float = 0.0) -> tuple[str, np.ndarray]:
     """A phrase and its target mask: a present "colour shape" (55 %), a bare shape noun (15 %), or an absent object
     (30 %: CoMat's pixel loss pushes attention out of the whole image for a missing object, so an empty mask must
-    come out empty). A fraction `shared_absent` of the absent phrases share a colour or a shape with an object that is
-    there: those are the ones a segmenter trained on random absent phrases fires on (it learns "red" or "circle", not
+    come out empty). A fraction `shared_absent` of the absent phrases share a colour with an object that is there
+    (`_absent_combo`): those are the ones a segmenter trained on random absent phrases fires on (it learns "red", not
     "red circle"), and on a swapped-colour image they are exactly the phrases CoMat's concentration loss asks about."""
     objs, jitter = sample.scene.objects, sample.scene.jitter
     r = rng.random()
@@ -543,7 +544,7 @@ def _segmentation_example(sample: PromptSample, rng, shared_absent: float = 0.0)
 def train_segmenter(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 1500, batch: int = 32, lr: float = 1e-3,
                     shared_absent: float = 0.0, generated_look: bool = False, continue_steps: int = 0) -> dict:
     """BCE + soft Dice on renders against the renderer's coverage masks. `shared_absent`: the fraction of absent
-    phrases that share a colour or shape with a present object (`_segmentation_example`); `generated_look`: the
+    phrases that share a colour with a present object (`_segmentation_example`); `generated_look`: the
     images get the base model's look (`GeneratedLook`; masks unchanged), since CoMat segments generated images.
     `continue_steps > 0` trains the segmenter already in `out_dir` for that many more steps; its card keeps the
     earlier training's description."""
@@ -579,7 +580,7 @@ def train_segmenter(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 150
     quality = _segmentation_quality(model, tokenizer, seed)
     metrics = {"steps": steps, "batch": batch, "shared_absent": shared_absent, "generated_look": generated_look,
                "wall_s": round(progress.wall_s, 1), "params": parameter_count(model), **quality, "continued": earlier is not None}
-    absent_note = (f"; {shared_absent:.0%} of those share a colour or a shape with an object that is there" if shared_absent else "")
+    absent_note = (f"; {shared_absent:.0%} of those share the colour of an object that is there" if shared_absent else "")
     look_note = f"\n  Every image given the generated look: {look.describe()}." if look is not None else ""
     continued = _continued_note(earlier, "--continue-segmenter")
     _write_card(out, "Toy text-prompted segmenter (transformers `CLIPSegForImageSegmentation`)", f"""
@@ -591,7 +592,7 @@ in, a per-pixel probability map out at image resolution.
   Parameters: {metrics['params']:,}.{continued}
 - Quality on {quality['n_images']} held-out `test` images (clean renders): mean IoU (threshold 0.5) for present "colour shape"
   phrases {quality['iou_present']:.3f}; present phrases missed {quality['missed_detection_rate']:.3f}. Absent-object
-  phrases, a random one per image / one sharing a colour or shape with an object that is there: any pixel above 0.5
+  phrases, a random one per image / one sharing the colour of an object that is there: any pixel above 0.5
   {quality['false_positive_rate']:.3f} / {quality['false_positive_rate_shared']:.3f}; found, i.e. at least
   {seg.MIN_DETECTION_AREA} pixels above 0.5 (what `ralign.models.grounded_segmenter.ToySegmenter` counts)
   {quality['false_detection_rate']:.3f} / {quality['false_detection_rate_shared']:.3f}.
