@@ -188,6 +188,32 @@ def test_toy_grounded_segmenter_finds_present_objects_and_not_absent_ones():
         seg.masks(images, present[:-1])
 
 
+def test_detector_grounded_segmenter_tells_the_colour_shape_pair_apart():
+    """Asked for an absent "red circle" next to a red square, the grounded pair (detector boxes, CLIPSeg mask inside
+    them) gives no mask; CLIPSeg alone segments the square."""
+    from ralign.models.grounded_segmenter import _phrase_class, build_grounded_segmenter
+    from ralign.pretrain.rewards import _absent_combo
+    from ralign.world.scene import object_mask
+
+    grounded, clipseg = build_grounded_segmenter({"backend": "toy_grounded"}), build_grounded_segmenter({"backend": "toy"})
+    samples, images = _renders("binding", 24)
+    rng = np.random.default_rng(0)
+    present = [f"{s.scene.objects[0].color} {s.scene.objects[0].shape}" for s in samples]
+    shared = [" ".join(_absent_combo(s.scene.objects, rng, shared=True)) for s in samples]
+    got = grounded.masks(images, present)
+    truth = torch.stack([torch.from_numpy(np.maximum.reduce([object_mask(o, j) for o, j in zip(s.scene.objects, s.scene.jitter)
+                                                             if o.combo == s.scene.objects[0].combo]) > 0.5) for s in samples])
+    iou = ((got > 0) & truth).flatten(1).sum(1) / ((got > 0) | truth).flatten(1).sum(1).clamp(min=1)
+    assert iou.mean() >= 0.7
+    assert (grounded.masks(images, shared).flatten(1).sum(1) > 0).float().mean() <= 0.1
+    assert (clipseg.masks(images, shared).flatten(1).sum(1) > 0).float().mean() >= 0.5  # why the pair is needed
+    assert _phrase_class("circles") == (None, "circle") and _phrase_class("red square") == ("red", "square")
+    with pytest.raises(ValueError, match="names none of this world's shapes"):
+        grounded.masks(images[:1], ["red balloon"])
+    with pytest.raises(ValueError, match="one phrase per image"):
+        grounded.masks(images, present[:-1])
+
+
 def test_caption_reward_is_per_sample_prompt_nll_and_prefers_the_right_prompt():
     reward = build_reward({"name": "caption"})
     samples, images = _renders("binding", 16)
