@@ -192,14 +192,14 @@ def test_detector_grounded_segmenter_tells_the_colour_shape_pair_apart():
     """Asked for an absent "red circle" next to a red square, the grounded pair (detector boxes, CLIPSeg mask inside
     them) gives no mask; CLIPSeg alone segments the square."""
     from ralign.models.grounded_segmenter import _phrase_class, build_grounded_segmenter
-    from ralign.pretrain.rewards import _absent_combo
+    from ralign.pretrain.rewards import absent_combo
     from ralign.world.scene import object_mask
 
     grounded, clipseg = build_grounded_segmenter({"backend": "toy_grounded"}), build_grounded_segmenter({"backend": "toy"})
     samples, images = _renders("binding", 24)
     rng = np.random.default_rng(0)
     present = [f"{s.scene.objects[0].color} {s.scene.objects[0].shape}" for s in samples]
-    shared = [" ".join(_absent_combo(s.scene.objects, rng, shared=True)) for s in samples]
+    shared = [" ".join(absent_combo(s.scene.objects, rng, shared=True)) for s in samples]
     got = grounded.masks(images, present)
     truth = torch.stack([torch.from_numpy(np.maximum.reduce([object_mask(o, j) for o, j in zip(s.scene.objects, s.scene.jitter)
                                                              if o.combo == s.scene.objects[0].combo]) > 0.5) for s in samples])

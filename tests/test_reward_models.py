@@ -156,13 +156,13 @@ def test_captioner_near_miss_training_writes_a_loadable_model_and_card(tmp_path)
 def test_shared_absent_phrases_name_a_missing_object_that_shares_a_colour():
     import numpy as np
 
-    from ralign.pretrain.rewards import _absent_combo, _segmentation_example
+    from ralign.pretrain.rewards import absent_combo, _segmentation_example
     from ralign.world.prompts import generate
 
     rng = np.random.default_rng(0)
     for sample in generate("binding", 40, "test", seed=3):
         present = {o.combo for o in sample.scene.objects}
-        colour, shape = _absent_combo(sample.scene.objects, rng, shared=True)
+        colour, shape = absent_combo(sample.scene.objects, rng, shared=True)
         assert (colour, shape) not in present
         assert colour in {c for c, _ in present}  # binding scenes always leave a colour-sharing absent pair
     # with every absent phrase shared, an absent phrase's target is empty and a present one's is not

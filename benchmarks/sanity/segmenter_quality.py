@@ -11,7 +11,7 @@ import torch
 
 from ralign.models.grounded_segmenter import build_grounded_segmenter
 from ralign.models import TOY_MODELS_DIR
-from ralign.pretrain.rewards import GeneratedLook, _absent_combo, _images01
+from ralign.pretrain.rewards import GeneratedLook, absent_combo, _images01
 from ralign.world.prompts import generate
 from ralign.world.scene import object_mask
 
@@ -29,8 +29,8 @@ for s in samples:
             mask |= object_mask(x, s.scene.jitter[k]) > 0.5
     present.append(f"{o.color} {o.shape}")
     truth.append(torch.from_numpy(mask))
-    absent.append(" ".join(_absent_combo(s.scene.objects, rng, shared=False)))
-    shared.append(" ".join(_absent_combo(s.scene.objects, rng, shared=True)))
+    absent.append(" ".join(absent_combo(s.scene.objects, rng, shared=False)))
+    shared.append(" ".join(absent_combo(s.scene.objects, rng, shared=True)))
 clean = _images01(samples)
 looked = GeneratedLook(TOY_MODELS_DIR / "base" / "vae")(clean, torch.Generator().manual_seed(0))
 results = {"n_images": len(samples), "families": FAMILIES, "backends": {}}

@@ -503,7 +503,7 @@ def _caption_quality(model, tokenizer, seed: int, n: int = 32) -> dict:
 # segmenter
 # ---------------------------------------------------------------------------------------------------------------
 
-def _absent_combo(objs, rng, shared: bool) -> tuple[str, str]:
+def absent_combo(objs, rng, shared: bool) -> tuple[str, str]:
     """A colour-shape combination not in the scene; with `shared`, one that shares its colour with an object that is
     there (a red square's "red circle"), else its shape, when the scene allows one. The committed segmenter found
     such colour-sharing phrases 97 % of the time (it had learnt the colour, not the pair) against 0.3 % for
@@ -520,7 +520,7 @@ def _segmentation_example(sample: PromptSample, rng, shared_absent: float = 0.0)
     """A phrase and its target mask: a present "colour shape" (55 %), a bare shape noun (15 %), or an absent object
     (30 %: CoMat's pixel loss pushes attention out of the whole image for a missing object, so an empty mask must
     come out empty). A fraction `shared_absent` of the absent phrases share a colour with an object that is there
-    (`_absent_combo`): those are the ones a segmenter trained on random absent phrases fires on (it learns "red", not
+    (`absent_combo`): those are the ones a segmenter trained on random absent phrases fires on (it learns "red", not
     "red circle"), and on a swapped-colour image they are exactly the phrases CoMat's concentration loss asks about."""
     objs, jitter = sample.scene.objects, sample.scene.jitter
     r = rng.random()
@@ -533,7 +533,7 @@ def _segmentation_example(sample: PromptSample, rng, shared_absent: float = 0.0)
         members = [k for k, x in enumerate(objs) if x.shape == shape]
         phrase = shape if len(members) <= 1 else shape + "s"
     else:
-        c, s = _absent_combo(objs, rng, shared=rng.random() < shared_absent)
+        c, s = absent_combo(objs, rng, shared=rng.random() < shared_absent)
         members, phrase = [], f"{c} {s}"
     mask = np.zeros((64, 64), dtype=np.float32)
     for k in members:
@@ -615,8 +615,8 @@ def _segmentation_quality(model, tokenizer, seed: int, n: int = 120) -> dict:
             mask = np.maximum(mask, object_mask(s.scene.objects[k], s.scene.jitter[k]))
         present_phrases.append(f"{o.color} {o.shape}")
         present_masks.append(mask > 0.5)
-        absent_phrases.append(" ".join(_absent_combo(s.scene.objects, rng, shared=False)))
-        shared_phrases.append(" ".join(_absent_combo(s.scene.objects, rng, shared=True)))
+        absent_phrases.append(" ".join(absent_combo(s.scene.objects, rng, shared=False)))
+        shared_phrases.append(" ".join(absent_combo(s.scene.objects, rng, shared=True)))
     pred = seg.segment(model, tokenizer, images, present_phrases).numpy() > 0.5
     missed = [p.sum() < seg.MIN_DETECTION_AREA for p in pred]
     for p, m in zip(pred, present_masks):
