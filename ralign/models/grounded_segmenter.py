@@ -26,12 +26,11 @@ import torch
 from ralign.models import TOY_MODELS_DIR
 from ralign.models import segmenter as toy_segmenter
 from ralign.models.detector import DEFAULT_THRESHOLD, detect, load_detector
-from ralign.world.prompts import PLURALS
+from ralign.rewards.text_parsing import NOUNS
 from ralign.world.scene import COLORS, IMAGE_SIZE, SHAPES
 
 TOY_SEGMENTER_DIR = TOY_MODELS_DIR / "segmenter"
 TOY_DETECTOR_DIR = TOY_MODELS_DIR / "detector"
-_SHAPE_WORDS = {**{s: s for s in SHAPES}, **{p: s for s, p in PLURALS.items()}}
 
 
 class GroundedSegmenter(Protocol):
@@ -61,7 +60,7 @@ class ToySegmenter:
 def _phrase_class(phrase: str) -> tuple[str | None, str]:
     """(colour or None for any, shape) of a segmenter phrase such as "red circle", "circle" or "circles"."""
     words = phrase.lower().split()
-    shapes = [_SHAPE_WORDS[w] for w in words if w in _SHAPE_WORDS]
+    shapes = [NOUNS[w] for w in words if w in NOUNS]  # the prompt reader's nouns, plurals to singular
     if not shapes:
         raise ValueError(f"segmenter phrase {phrase!r} names none of this world's shapes {list(SHAPES)}")
     colours = [w for w in words if w in COLORS]
