@@ -110,7 +110,7 @@ def samples_to_target(summary: dict, cfg: TrainConfig) -> dict:
 
 # Policy settings added after rows were stored, with the default that reproduces the older behaviour. At that default
 # a setting cannot change a row's numbers, so it stays out of the digest and the stored rows stay valid.
-_POLICY_SETTINGS_ADDED = {"segment_keep_eos": False}
+_POLICY_SETTINGS_ADDED = {"segment_keep_eos": False, "segment_plain_short": False}
 
 
 def _digest(cfg: TrainConfig | None, n_per_family: int) -> str:

@@ -97,3 +97,45 @@ def test_budget_below_limit_is_refused(parts):
     te, tok = parts
     with pytest.raises(ValueError, match="below the encoder's own limit"):
         SegmentEncoder(te, tok, budget=8)
+
+
+def test_plain_short_reads_short_prompts_plainly_and_long_ones_by_segments(parts):
+    te, tok = parts
+    short = "a red circle"
+    long = "there is a small red circle. a large blue square is also in the picture. two green triangles are on the left."
+    assert PlainEncoder(te, tok).overflow(long) is not None
+    enc = SegmentEncoder(te, tok, budget=96, keep_eos=True, plain_short=True)
+    with torch.no_grad():
+        mixed = enc([short, long, ""])
+        plain = PlainEncoder(te, tok)([short, ""])
+        segmented = SegmentEncoder(te, tok, budget=96, keep_eos=True)([long])[0]
+    assert mixed.shape == (3, 96, 32)
+    assert torch.allclose(mixed[0], plain[0].repeat(4, 1))
+    assert torch.allclose(mixed[2], plain[1].repeat(4, 1))
+    assert torch.allclose(mixed[1], segmented)
+
+
+def test_repeated_encoding_leaves_cross_attention_unchanged(parts):
+    """Why `plain_short` is exact: the UNet reading the plain encoding repeated k times predicts what it predicts
+    from the plain encoding itself."""
+    from diffusers import UNet2DConditionModel
+
+    te, tok = parts
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32), norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8,
+    ).eval()
+    with torch.no_grad():
+        plain = PlainEncoder(te, tok)(["a red circle", "two blue squares"])
+        repeated = SegmentEncoder(te, tok, budget=96, plain_short=True)(["a red circle", "two blue squares"])
+        x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+        assert torch.allclose(unet(x, t, encoder_hidden_states=plain).sample, unet(x, t, encoder_hidden_states=repeated).sample, atol=1e-5)
+        assert not torch.allclose(plain, SegmentEncoder(te, tok, budget=96)(["a red circle", "two blue squares"])[:, :24])
+
+
+def test_plain_short_needs_a_budget_that_repeats_the_plain_encoding(parts):
+    te, tok = parts
+    with pytest.raises(ValueError, match="must be a multiple of 24"):
+        SegmentEncoder(te, tok, budget=50, plain_short=True)

@@ -72,7 +72,8 @@ class DiffusionPolicy:
     # ---- text ---------------------------------------------------------------------------------------------------
     def _encoder_for(self, text_encoder: torch.nn.Module):
         if self.cfg.text_encoding == "segment":
-            return SegmentEncoder(text_encoder, self.tokenizer, self.cfg.segment_budget, keep_eos=self.cfg.segment_keep_eos)
+            return SegmentEncoder(text_encoder, self.tokenizer, self.cfg.segment_budget, keep_eos=self.cfg.segment_keep_eos,
+                                  plain_short=self.cfg.segment_plain_short)
         if self.cfg.text_encoding == "plain":
             return PlainEncoder(text_encoder, self.tokenizer)
         raise ValueError(f"text_encoding must be plain or segment, got {self.cfg.text_encoding!r}")

@@ -24,6 +24,10 @@ class PolicyConfig(StrictModel):
     # summary into that token (the toy one, and CLIP's pooled output) then loses it for every prompt, short ones
     # included (benchmarks/results/seed_methods.md measures what that costs the toy base model).
     segment_keep_eos: bool = False
+    # Read prompts that fit one encoder pass through the plain encoding (repeated to the budget, which leaves
+    # cross-attention's output unchanged), so only long prompts are read by segments. Not in LongAlign, which encodes
+    # every prompt by sentences; ralign/diffusion/text_encoding.py says why it is exact.
+    segment_plain_short: bool = False
     # TextCraftor's interpolation at inference: e = w·e_tuned + (1 − w)·e_original (1 = the tuned encoder alone);
     # needs a tuned text encoder
     text_encoder_weight: float = 1.0

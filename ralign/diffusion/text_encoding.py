@@ -7,6 +7,11 @@ encoder pass is split further, at word boundaries), encode each segment on its o
 segment's first end-of-text token instead, a departure from the paper), keep each segment's start-of-text token, concatenate along the sequence axis, truncate to a token budget, and pad with one shared pad
 embedding: the mean of the tail (the positions after end-of-text) of the empty prompt's encoding. Cross-attention
 accepts any sequence length, so the UNet is unchanged. `overflow` says what a prompt would lose to the budget.
+
+`plain_short` (a departure from the paper, off by default) reads every prompt the plain encoding reads whole through
+that plain encoding, repeated to fill the budget: cross-attention is a softmax over the keys, so repeating the whole
+key/value sequence k times leaves each query's output exactly as it was (each weight is divided by k and summed k
+times). Short prompts then mean to the UNet exactly what they meant before, and only long ones are read by segments.
 """
 
 from __future__ import annotations
@@ -74,10 +79,15 @@ class SegmentEncoder:
     tokenizer: object
     budget: int
     keep_eos: bool = False  # LongAlign drops every end-of-text token; True keeps each segment's first one
+    plain_short: bool = False  # prompts that fit one pass: the plain encoding, repeated (module docstring)
 
     def __post_init__(self) -> None:
-        if self.budget < self.tokenizer.model_max_length:
-            raise ValueError(f"segment budget {self.budget} is below the encoder's own limit {self.tokenizer.model_max_length}")
+        limit = self.tokenizer.model_max_length
+        if self.budget < limit:
+            raise ValueError(f"segment budget {self.budget} is below the encoder's own limit {limit}")
+        if self.plain_short and self.budget % limit:
+            raise ValueError(f"reading short prompts plainly repeats their {limit}-token encoding, so the segment budget "
+                             f"must be a multiple of {limit}, got {self.budget}")
 
     def _kept(self, ids: torch.Tensor) -> torch.Tensor:
         """Which token positions of each segment (rows of `ids`) go into the concatenation."""
@@ -117,6 +127,23 @@ class SegmentEncoder:
         return out
 
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        if not self.plain_short:
+            return self._segment_encode(prompts)
+        plain = PlainEncoder(self.text_encoder, self.tokenizer)
+        short = [plain.overflow(p) is None for p in prompts]
+        out: list[torch.Tensor | None] = [None] * len(prompts)
+        for is_short, encode in ((True, plain), (False, self._segment_encode)):
+            rows = [i for i, s in enumerate(short) if s == is_short]
+            if not rows:
+                continue
+            encoded = encode([prompts[i] for i in rows])
+            if is_short:
+                encoded = encoded.repeat(1, self.budget // encoded.shape[1], 1)
+            for i, e in zip(rows, encoded):
+                out[i] = e
+        return torch.stack(out)
+
+    def _segment_encode(self, prompts: Sequence[str]) -> torch.Tensor:
         segments_per_prompt = [self.segments(p) for p in prompts]
         flat = [s for segs in segments_per_prompt for s in segs]
         ids = self.tokenizer(
