@@ -102,15 +102,20 @@ def world_pretrain(
     _setup_logging()
     from ralign.pretrain.run import pretrain_all
 
-    results = pretrain_all(out, [p.strip() for p in only.split(",") if p.strip()], scale=scale, seed=seed, unet_init=unet_init,
-                           continue_unet_steps=continue_unet, unet_lr=unet_lr,
-                           continue_reward_clip_steps=continue_reward_clip, reward_clip_lr=reward_clip_lr,
-                           captioner_overrides={"continue_steps": continue_captioner, "near_misses_per_image": captioner_near_misses,
-                                                **({"lr": captioner_lr} if captioner_lr is not None else {})},
-                           segmenter_overrides={"continue_steps": continue_segmenter, "shared_absent": segmenter_shared_absent,
-                                                "generated_look": segmenter_look, **({"lr": segmenter_lr} if segmenter_lr is not None else {})},
-                           flow_overrides={**({"steps": flow_steps} if flow_steps else {}),
-                                           **({"init": str(out / "flow" / "transformer")} if continue_flow else {})})
+    def given(**options) -> dict:  # an option left at its default changes nothing
+        return {k: v for k, v in options.items() if v is not None}
+
+    overrides = {
+        "t2i": given(unet_init=unet_init, continue_steps=continue_unet or None, unet_lr=unet_lr),
+        "reward_clip": given(continue_steps=continue_reward_clip or None, lr=reward_clip_lr),
+        "captioner": given(continue_steps=continue_captioner or None, near_misses_per_image=captioner_near_misses or None,
+                           lr=captioner_lr),
+        "segmenter": given(continue_steps=continue_segmenter or None, shared_absent=segmenter_shared_absent or None,
+                           generated_look=segmenter_look or None, lr=segmenter_lr),
+        "flow": given(steps=flow_steps, init=str(out / "flow" / "transformer") if continue_flow else None),
+    }
+    results = pretrain_all(out, [p.strip() for p in only.split(",") if p.strip()], scale=scale, seed=seed,
+                           overrides={part: o for part, o in overrides.items() if o})
     typer.echo(json.dumps(results, indent=2))
 
 

@@ -115,8 +115,8 @@ def test_flow_pretraining_writes_a_pipeline_that_loads_offline_and_trains(tmp_pa
     from ralign.pretrain.run import pretrain_all
 
     (tmp_path / "base").symlink_to(TOY_MODELS_DIR / "base", target_is_directory=True)
-    results = pretrain_all(tmp_path, ["flow"], flow_overrides={"steps": 2, "batch": 4, "eval_prompts": 2, "eval_steps": 2,
-                                                               "width": 32, "layers": 1, "heads": 2})
+    results = pretrain_all(tmp_path, ["flow"], overrides={"flow": {"steps": 2, "batch": 4, "eval_prompts": 2, "eval_steps": 2,
+                                                                        "width": 32, "layers": 1, "heads": 2}})
     assert results["flow"]["train"]["steps"] == 2 and set(results["flow"]["eval_test"]["families"]) >= {"single", "long"}
     card = (tmp_path / "flow" / "MODEL_CARD.md").read_text()
     assert "SD3Transformer2DModel" in card and "| single | 2 |" in card

@@ -19,7 +19,7 @@ def pretrained(tmp_path_factory):
     """One tiny pretraining run, shared: each test works on its own copy. Small batches: the full-size UNet at batch
     64 costs seconds a step, and what is checked here is the layout, the cards and the step bookkeeping."""
     out = tmp_path_factory.mktemp("pretrained")
-    return out, pretrain_all(out, ["t2i"], scale=0.002, t2i_overrides=SMALL_BATCHES)
+    return out, pretrain_all(out, ["t2i"], scale=0.002, overrides={"t2i": SMALL_BATCHES})
 
 
 def test_tiny_t2i_pretraining_produces_a_loadable_pipeline(pretrained, tmp_path):
@@ -39,7 +39,7 @@ def test_continuing_the_unet_keeps_text_encoder_and_vae_and_counts_steps(pretrai
     source, first = pretrained
     shutil.copytree(source, tmp_path, dirs_exist_ok=True)
     before = StableDiffusionPipeline.from_pretrained(tmp_path / "base", local_files_only=True)
-    more = pretrain_all(tmp_path, ["t2i"], continue_unet_steps=2, unet_lr=1e-3, t2i_overrides=SMALL_BATCHES)
+    more = pretrain_all(tmp_path, ["t2i"], overrides={"t2i": {**SMALL_BATCHES, "continue_steps": 2, "unet_lr": 1e-3}})
     after = StableDiffusionPipeline.from_pretrained(tmp_path / "base", local_files_only=True)
     assert more["t2i"]["unet"]["steps"] == first["t2i"]["unet"]["steps"] + 2
     assert [r["steps"] for r in more["t2i"]["unet"]["runs"]] == [first["t2i"]["unet"]["steps"], 2]

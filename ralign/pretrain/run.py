@@ -95,49 +95,38 @@ def _install_pipeline(out: Path, staging: Path, metrics: dict) -> None:
     write_t2i_cards(out, metrics)
 
 
-def pretrain_all(
-    out: str | Path,
-    parts: list[str],
-    scale: float = 1.0,
-    seed: int = 0,
-    unet_init: str | None = None,
-    continue_unet_steps: int = 0,
-    unet_lr: float | None = None,
-    continue_reward_clip_steps: int = 0,
-    reward_clip_lr: float | None = None,
-    captioner_overrides: dict | None = None,
-    segmenter_overrides: dict | None = None,
-    t2i_overrides: dict | None = None,
-    flow_overrides: dict | None = None,
-) -> dict:
-    """Train the requested parts into `out`. `continue_unet_steps > 0` (with part t2i) instead trains the UNet of the
-    pipeline already in `out/base` for that many more steps, keeping its text encoder and VAE. `t2i_overrides`:
-    fields of `T2IPretrainConfig` to change (e.g. smaller batches for a smoke run), applied after `scale`;
-    `captioner_overrides` / `segmenter_overrides`: keyword arguments of `ralign.pretrain.rewards.train_captioner` /
-    `train_segmenter` (near misses or shared-colour absent phrases, continuing);
-    `flow_overrides`: fields of `ralign.pretrain.flow.FlowPretrainConfig` (e.g. `init` to continue a run)."""
-    unknown = [p for p in parts if p not in PARTS]
+def pretrain_all(out: str | Path, parts: list[str], scale: float = 1.0, seed: int = 0,
+                 overrides: dict[str, dict] | None = None) -> dict:
+    """Train the requested parts into `out`. `overrides` maps a part to what it changes:
+    - `t2i`: fields of `T2IPretrainConfig` (e.g. `unet_init`, `unet_lr`, smaller batches for a smoke run), applied
+      after `scale`; `continue_steps: N` instead trains the UNet of the pipeline already in `out/base` for N more
+      steps, keeping its text encoder and VAE;
+    - every other part: keyword arguments of its trainer (`_REWARD_TRAINERS`), e.g. `continue_steps` and `lr` for
+      the reward CLIP, near misses for the captioner, shared-colour absent phrases for the segmenter, `init` for the
+      flow transformer."""
+    overrides = overrides or {}
+    unknown = [p for p in [*parts, *overrides] if p not in PARTS]
     if unknown:
         raise ValueError(f"unknown pretraining part(s) {unknown}; expected some of {list(PARTS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
+    t2i = dict(overrides.get("t2i", {}))
+    continue_unet_steps = t2i.pop("continue_steps", 0)
     if "t2i" in parts and continue_unet_steps > 0:
-        cfg = replace(T2IPretrainConfig(seed=seed, unet_steps=continue_unet_steps), **(t2i_overrides or {}))
-        if unet_lr is not None:
-            cfg = replace(cfg, unet_lr=unet_lr)
+        cfg = replace(T2IPretrainConfig(seed=seed, unet_steps=continue_unet_steps), **t2i)
         staging = out / ".t2i_staging"
         metrics = continue_unet(out / "base", staging, cfg)
         _install_pipeline(out, staging, metrics)
         results["t2i"] = {k: v for k, v in metrics.items() if k != "config"}
     elif "t2i" in parts:
-        base = T2IPretrainConfig(seed=seed, unet_init=unet_init)
+        base = T2IPretrainConfig(seed=seed)
         cfg = replace(
             base,
             clip_steps=max(1, int(base.clip_steps * scale)),
             vae_steps=max(1, int(base.vae_steps * scale)),
             unet_steps=max(1, int(base.unet_steps * scale)),
-            **(t2i_overrides or {}),
+            **t2i,
         )
         # A staging directory left by a failed run is resumed: stages finished with the same config are reused.
         staging = out / ".t2i_staging"
@@ -152,18 +141,7 @@ def pretrain_all(
 
         module, function = _REWARD_TRAINERS[part]
         trainer = getattr(importlib.import_module(module), function)
-        extra: dict = {}
-        if part == "reward_clip" and continue_reward_clip_steps > 0:
-            extra["continue_steps"] = continue_reward_clip_steps
-        if part == "reward_clip" and reward_clip_lr is not None:
-            extra["lr"] = reward_clip_lr
-        if part == "captioner":
-            extra.update(captioner_overrides or {})
-        if part == "segmenter":
-            extra.update(segmenter_overrides or {})
-        if part == "flow":
-            extra.update(flow_overrides or {})
-        results[part] = trainer(out / part, seed=seed, scale=scale, **extra)
+        results[part] = trainer(out / part, seed=seed, scale=scale, **overrides.get(part, {}))
     for name in ("base", "text_clip", *[p for p in parts if p != "t2i"]):
         if (out / name).exists():
             results.setdefault("sizes_mb", {})[name] = dir_size_mb(out / name)
