@@ -11,26 +11,16 @@ import torch
 
 from ralign.models.grounded_segmenter import build_grounded_segmenter
 from ralign.models import TOY_MODELS_DIR
-from ralign.pretrain.rewards import GeneratedLook, absent_combo, _images01
+from ralign.pretrain.rewards import GeneratedLook, _images01, segmentation_probes
 from ralign.world.prompts import generate
-from ralign.world.scene import object_mask
 
 torch.set_num_threads(2)
 out_path, n = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 60
 FAMILIES = ("single", "binding", "counting", "spatial", "size", "long")
 rng = np.random.default_rng(7)
 samples = [s for f in FAMILIES for s in generate(f, n, "test", seed=13)]
-present, truth, absent, shared = [], [], [], []
-for s in samples:
-    o = s.scene.objects[int(rng.integers(len(s.scene.objects)))]
-    mask = np.zeros((64, 64), dtype=bool)
-    for k, x in enumerate(s.scene.objects):
-        if x.combo == o.combo:
-            mask |= object_mask(x, s.scene.jitter[k]) > 0.5
-    present.append(f"{o.color} {o.shape}")
-    truth.append(torch.from_numpy(mask))
-    absent.append(" ".join(absent_combo(s.scene.objects, rng, shared=False)))
-    shared.append(" ".join(absent_combo(s.scene.objects, rng, shared=True)))
+present, truth, absent, shared = segmentation_probes(samples, rng)
+truth = [torch.from_numpy(m) for m in truth]
 clean = _images01(samples)
 looked = GeneratedLook(TOY_MODELS_DIR / "base" / "vae")(clean, torch.Generator().manual_seed(0))
 results = {"n_images": len(samples), "families": FAMILIES, "backends": {}}

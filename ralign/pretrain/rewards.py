@@ -601,22 +601,30 @@ in, a per-pixel probability map out at image resolution.
 
 
 @torch.no_grad()
+def segmentation_probes(samples, rng: np.random.Generator) -> tuple[list[str], list[np.ndarray], list[str], list[str]]:
+    """What a grounded segmenter is asked about each sample: a present "colour shape" phrase (one of its objects,
+    drawn by `rng`) with its true mask (every object of that colour and shape), a random absent phrase, and an absent
+    phrase sharing the colour of a present object. Used by the segmenter's card and benchmarks/sanity/segmenter_quality.py."""
+    present, truth, absent, shared = [], [], [], []
+    for s in samples:
+        o = s.scene.objects[int(rng.integers(len(s.scene.objects)))]
+        mask = np.zeros((64, 64), dtype=bool)
+        for k, x in enumerate(s.scene.objects):
+            if x.combo == o.combo:
+                mask |= object_mask(x, s.scene.jitter[k]) > 0.5
+        present.append(f"{o.color} {o.shape}")
+        truth.append(mask)
+        absent.append(" ".join(absent_combo(s.scene.objects, rng, shared=False)))
+        shared.append(" ".join(absent_combo(s.scene.objects, rng, shared=True)))
+    return present, truth, absent, shared
+
+
 def _segmentation_quality(model, tokenizer, seed: int, n: int = 120) -> dict:
     rng = np.random.default_rng(seed + 77)
     samples = [s for f in ("single", "binding", "spatial", "long") for s in generate(f, n // 4, "test", seed=seed + 8)]
     images = _images01(samples)
     ious = []
-    present_phrases, present_masks, absent_phrases, shared_phrases = [], [], [], []
-    for s in samples:
-        o = s.scene.objects[int(rng.integers(len(s.scene.objects)))]
-        members = [k for k, x in enumerate(s.scene.objects) if x.combo == o.combo]
-        mask = np.zeros((64, 64), dtype=np.float32)
-        for k in members:
-            mask = np.maximum(mask, object_mask(s.scene.objects[k], s.scene.jitter[k]))
-        present_phrases.append(f"{o.color} {o.shape}")
-        present_masks.append(mask > 0.5)
-        absent_phrases.append(" ".join(absent_combo(s.scene.objects, rng, shared=False)))
-        shared_phrases.append(" ".join(absent_combo(s.scene.objects, rng, shared=True)))
+    present_phrases, present_masks, absent_phrases, shared_phrases = segmentation_probes(samples, rng)
     pred = seg.segment(model, tokenizer, images, present_phrases).numpy() > 0.5
     missed = [p.sum() < seg.MIN_DETECTION_AREA for p in pred]
     for p, m in zip(pred, present_masks):
@@ -631,4 +639,4 @@ def _segmentation_quality(model, tokenizer, seed: int, n: int = 120) -> dict:
     return out
 
 
-__all__ = ["train_reward_clip", "train_preference", "train_captioner", "train_segmenter", "corrupt", "CORRUPTIONS"]
+__all__ = ["train_reward_clip", "train_preference", "train_captioner", "train_segmenter", "segmentation_probes", "corrupt", "CORRUPTIONS"]
