@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ralign.config import ConfigError, UserError, load_config
-from ralign.training.config import TrainConfig
+from ralign.training.config import SFTConfig, TrainConfig
 from ralign.world.prompts import FAMILIES
 
 log = logging.getLogger(__name__)
@@ -113,14 +113,33 @@ def samples_to_target(summary: dict, cfg: TrainConfig) -> dict:
 _POLICY_SETTINGS_ADDED = {"segment_keep_eos": False, "segment_plain_short": False}
 
 
-def _digest(cfg: TrainConfig | None, n_per_family: int) -> str:
+def _policy_at_default(cfg) -> set[str]:
+    return {k for k, default in _POLICY_SETTINGS_ADDED.items() if getattr(cfg.model.policy, k) == default}
+
+
+def _digest(cfg: TrainConfig | None, n_per_family: int, pre_stage: SFTConfig | None = None) -> str:
+    """What a stored row was made from: the method's training config and, for a method with a pre-stage (LongAlign's
+    stage 1), that stage's config too, so that changing either one makes the row stale."""
     if cfg is None:
         return hashlib.sha256(f"base-{n_per_family}".encode()).hexdigest()[:12]
     # Settings that cannot change a row's numbers stay out, so adding one does not invalidate every stored row.
-    at_default = {k for k, default in _POLICY_SETTINGS_ADDED.items() if getattr(cfg.model.policy, k) == default}
-    text = cfg.model_dump_json(exclude={"tracking": True, "reward": {"deployment"}, "model": {"policy": at_default},
+    text = cfg.model_dump_json(exclude={"tracking": True, "reward": {"deployment"}, "model": {"policy": _policy_at_default(cfg)},
                                         "ray": {"metric_wait_s", "reward_timeout_s", "max_score_attempts", "max_reward_errors"}})
+    if pre_stage is not None:
+        text += pre_stage.model_dump_json(exclude={"tracking": True, "log_every": True, "model": {"policy": _policy_at_default(pre_stage)}})
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def pre_stage_config(method: str, cfg: TrainConfig, tracking_uri: str | None) -> SFTConfig | None:
+    """The config of the stage `method` starts from (PRE_STAGES), checked to write what the method reads; None if it
+    has none."""
+    if method not in PRE_STAGES:
+        return None
+    sft_cfg = load_config(SFTConfig, CONFIG_DIR / PRE_STAGES[method], [f"tracking.run_name=compare-{method}-sft"] +
+                          ([f"tracking.tracking_uri={tracking_uri}"] if tracking_uri else []))
+    if Path(sft_cfg.out).resolve() != Path(cfg.model.init_checkpoint):
+        raise ConfigError(f"{PRE_STAGES[method]} writes {sft_cfg.out} but {METHODS[method]} starts from {cfg.model.init_checkpoint}")
+    return sft_cfg
 
 
 def _base_digest(method: str, n_per_family: int) -> str:
@@ -287,21 +306,17 @@ def compare(methods: list[str], out_dir: Path, json_out: Path, n_per_family: int
             results["rows"] = previous.get("rows", {})
     for method in methods:
         cfg = None if METHODS[method] is None else method_config(method, n_per_family, tracking_uri, extra_overrides or [])
-        digest = _digest(cfg, n_per_family) if cfg is not None else _base_digest(method, n_per_family)
+        pre_stage = None if cfg is None else pre_stage_config(method, cfg, tracking_uri)
+        digest = _digest(cfg, n_per_family, pre_stage) if cfg is not None else _base_digest(method, n_per_family)
         if reuse and results["rows"].get(method, {}).get("config_digest") == digest:
             log.info("compare: reusing %s (same config, digest %s)", method, digest)
             continue
         log.info("compare: %s ...", method)
         start = time.time()
-        if method in PRE_STAGES:
+        if pre_stage is not None:
             from jobs.sft import run_sft
-            from ralign.training.config import SFTConfig
 
-            sft_cfg = load_config(SFTConfig, CONFIG_DIR / PRE_STAGES[method], [f"tracking.run_name=compare-{method}-sft"] +
-                                  ([f"tracking.tracking_uri={tracking_uri}"] if tracking_uri else []))
-            if Path(sft_cfg.out).resolve() != Path(cfg.model.init_checkpoint):
-                raise ConfigError(f"{PRE_STAGES[method]} writes {sft_cfg.out} but {METHODS[method]} starts from {cfg.model.init_checkpoint}")
-            run_sft(sft_cfg)
+            run_sft(pre_stage)
         if cfg is None:
             report, summary = evaluate_base(method, n_per_family, out_dir), None
         else:

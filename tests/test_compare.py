@@ -80,3 +80,15 @@ def test_a_setting_added_at_its_old_behaviour_keeps_stored_rows_valid():
     assert _digest(cfg, 100) == committed["rows"]["comat"]["config_digest"]
     kept = method_config("comat", 100, None, ["model.policy.segment_keep_eos=true"])
     assert _digest(kept, 100) != _digest(cfg, 100)
+
+
+def test_a_changed_pre_stage_makes_the_stored_row_stale():
+    """LongAlign's row is made by stage 1 (longalign_sft.yaml) and stage 2: a change to either is a different row."""
+    from jobs.compare import _digest, method_config, pre_stage_config
+
+    committed = json.loads((Path(__file__).parents[1] / "benchmarks/results/compare.json").read_text())
+    cfg = method_config("longalign", 100, None, [])
+    stage1 = pre_stage_config("longalign", cfg, None)
+    assert _digest(cfg, 100, stage1) == committed["rows"]["longalign"]["config_digest"]
+    assert _digest(cfg, 100, stage1.model_copy(update={"steps": stage1.steps + 1})) != _digest(cfg, 100, stage1)
+    assert pre_stage_config("comat", method_config("comat", 100, None, []), None) is None
