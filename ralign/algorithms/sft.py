@@ -46,7 +46,9 @@ def plain_teacher_gap(policy: "DiffusionPolicy", noisy: torch.Tensor, t: torch.T
     Not in LongAlign (its stage 1 is the denoising loss on long captions): a distillation we add because renders alone
     do not teach the toy UNet to read segment encodings of short prompts as well as it read plain ones (single-object
     all-correct 1.00 -> 0.46 after 600 steps, a screen on 50 held-out prompts; benchmarks/results/seed_methods.md). The teacher's output on the same
-    noisy latent is an exact, low-variance target for what the prompt should mean."""
+    noisy latent is an exact, low-variance target for what the prompt should mean. With `segment_plain_short` the
+    policy reads short prompts exactly as the teacher does, and the term keeps the shared adapters from changing
+    what they mean while long prompts are learnt."""
     plain = PlainEncoder(policy.original_text_encoder or policy.text_encoder, policy.tokenizer)
     fits = torch.tensor([plain.overflow(p) is None for p in prompts], device=prediction.device)
     if not bool(fits.any()):
