@@ -82,13 +82,16 @@ def test_a_setting_added_at_its_old_behaviour_keeps_stored_rows_valid():
     assert _digest(kept, 100) != _digest(cfg, 100)
 
 
-def test_a_changed_pre_stage_makes_the_stored_row_stale():
-    """LongAlign's row is made by stage 1 (longalign_sft.yaml) and stage 2: a change to either is a different row."""
+def test_a_changed_pre_stage_makes_the_stored_row_stale(tmp_path, monkeypatch):
+    """LongAlign's row is made by stage 1 (longalign_sft.yaml) and stage 2: a change to either is a different row. The
+    digest does not depend on where the checkout is (the config makes the stage-1 path absolute)."""
     from jobs.compare import _digest, method_config, pre_stage_config
 
     committed = json.loads((Path(__file__).parents[1] / "benchmarks/results/compare.json").read_text())
+    monkeypatch.chdir(tmp_path)  # another checkout's root
     cfg = method_config("longalign", 100, None, [])
     stage1 = pre_stage_config("longalign", cfg, None)
+    assert cfg.model.init_checkpoint == str(tmp_path.resolve() / "runs" / "longalign_sft")
     assert _digest(cfg, 100, stage1) == committed["rows"]["longalign"]["config_digest"]
     assert _digest(cfg, 100, stage1.model_copy(update={"steps": stage1.steps + 1})) != _digest(cfg, 100, stage1)
     assert pre_stage_config("comat", method_config("comat", 100, None, []), None) is None
