@@ -122,10 +122,11 @@ def _digest(cfg: TrainConfig | None, n_per_family: int, pre_stage: SFTConfig | N
     stage 1), that stage's config too, so that changing either one makes the row stale."""
     if cfg is None:
         return hashlib.sha256(f"base-{n_per_family}".encode()).hexdigest()[:12]
-    init = cfg.model.init_checkpoint
-    if init and Path(init).is_relative_to(Path.cwd().resolve()):
+    init, checkout = cfg.model.init_checkpoint, Path.cwd().resolve()
+    if init and Path(init).is_relative_to(checkout):
         # The config resolves the path to an absolute one (for Ray workers); the row is the same in any checkout.
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_checkpoint": Path(init).relative_to(Path.cwd().resolve()).as_posix()})})
+        relative = Path(init).relative_to(checkout).as_posix()
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_checkpoint": relative})})
     # Settings that cannot change a row's numbers stay out, so adding one does not invalidate every stored row.
     text = cfg.model_dump_json(exclude={"tracking": True, "reward": {"deployment"}, "model": {"policy": _policy_at_default(cfg)},
                                         "ray": {"metric_wait_s", "reward_timeout_s", "max_score_attempts", "max_reward_errors"}})

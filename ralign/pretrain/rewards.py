@@ -600,7 +600,6 @@ in, a per-pixel probability map out at image resolution.
     return metrics
 
 
-@torch.no_grad()
 def segmentation_probes(samples, rng: np.random.Generator) -> tuple[list[str], list[np.ndarray], list[str], list[str]]:
     """What a grounded segmenter is asked about each sample: a present "colour shape" phrase (one of its objects,
     drawn by `rng`) with its true mask (every object of that colour and shape), a random absent phrase, and an absent
@@ -619,6 +618,7 @@ def segmentation_probes(samples, rng: np.random.Generator) -> tuple[list[str], l
     return present, truth, absent, shared
 
 
+@torch.no_grad()
 def _segmentation_quality(model, tokenizer, seed: int, n: int = 120) -> dict:
     rng = np.random.default_rng(seed + 77)
     samples = [s for f in ("single", "binding", "spatial", "long") for s in generate(f, n // 4, "test", seed=seed + 8)]
