@@ -52,5 +52,17 @@ def cosine_lr(optimizer: torch.optim.Optimizer, total: int, warmup: int = 100) -
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def descend(loss: torch.Tensor, parameters, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler, max_norm: float = 1.0) -> float:
+    """One optimiser step of a pretraining loop: backward, gradient-norm clipping, step, schedule; the loss value for
+    `Progress.step`."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

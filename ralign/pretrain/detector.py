@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ralign.models import detector as det
-from ralign.pretrain.common import Progress, cosine_lr, parameter_count
+from ralign.pretrain.common import Progress, cosine_lr, descend, parameter_count
 from ralign.pretrain.rewards import NEAR_MISSES, GeneratedLook, _steps, _write_card, near_miss_scene
 from ralign.world.data import images_to_tensor, sample_stream
 from ralign.world.prompts import FAMILIES, PromptSample, generate
@@ -104,12 +104,7 @@ def train_detector(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 4000
     for i in range(steps):
         scenes = _training_scenes(next(stream), near_miss_fraction, rng)
         loss = det.detection_loss(model, look(_images01(scenes), gen), [scene_targets(sc) for sc in scenes])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)  # DETR's own clipping
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        progress.step(i, loss.item())
+        progress.step(i, descend(loss, model.parameters(), opt, sched, max_norm=0.1))  # DETR's own clipping
     model.eval()
     det.save_detector(model, out)
     metrics = {"steps": steps, "batch": batch, "lr": lr, "near_miss_fraction": near_miss_fraction, "wall_s": round(progress.wall_s, 1),

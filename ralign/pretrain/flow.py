@@ -25,7 +25,7 @@ from diffusers.training_utils import EMAModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from ralign.models import toy_flow
-from ralign.pretrain.common import Progress, cosine_lr, machine_description, parameter_count
+from ralign.pretrain.common import Progress, cosine_lr, descend, machine_description, parameter_count
 from ralign.world.data import render_samples, sample_stream
 
 log = logging.getLogger(__name__)
@@ -133,13 +133,9 @@ def _fit(cfg: FlowPretrainConfig, pipe: StableDiffusion3Pipeline, snapshot_dir: 
         velocity = transformer(hidden_states=noisy, timestep=sigma.flatten() * 1000, encoder_hidden_states=embeds,
                                pooled_projections=pooled).sample
         loss = F.mse_loss(velocity, noise - x0)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss_value = descend(loss, transformer.parameters(), opt, sched)
         ema.step(transformer.parameters())
-        progress.step(i, loss.item())
+        progress.step(i, loss_value)
         if (i + 1) % cfg.snapshot_every == 0:
             # EMA weights so far: a run that has to stop early still leaves a usable model.
             ema.store(transformer.parameters())

@@ -17,7 +17,7 @@ import torchvision.transforms.functional as TF
 from ralign.models import captioner as cap
 from ralign.models import reward_clip as rc
 from ralign.models import segmenter as seg
-from ralign.pretrain.common import Progress, cosine_lr, machine_description, parameter_count
+from ralign.pretrain.common import Progress, cosine_lr, descend, machine_description, parameter_count
 from ralign.world.data import images_to_tensor, sample_stream
 from ralign.world.prompts import FAMILIES, RELATIONS, PromptSample, generate, relation_holds
 from ralign.world.scene import COLORS, GRID, SHAPES, Scene, SceneObject, object_mask, random_jitter, render
@@ -238,12 +238,7 @@ def train_reward_clip(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 2
         near = near_miss_images01(samples, near_misses_per_image, rng)
         looked = look(torch.cat([images, near]), gen)
         loss = _clip_loss(model, looked[: len(images)], rc.tokenize(tokenizer, [s.prompt for s in samples]), looked[len(images):])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        progress.step(i, loss.item())
+        progress.step(i, descend(loss, model.parameters(), opt, sched))
     model.eval()
     rc.save_reward_clip(model, tokenizer, out)
     retrieval = _retrieval(model, tokenizer, n=eval_prompts)
@@ -354,12 +349,7 @@ def train_preference(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 30
         margin = preference_logits(model, tokenizer, good, prompts) - preference_logits(model, tokenizer, bad, prompts)
         # Keep the contrastive objective too, so preference learning does not erase text-image alignment.
         loss = F.softplus(-margin).mean() + 0.5 * _clip_loss(model, good, ids)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        progress.step(i, loss.item())
+        progress.step(i, descend(loss, model.parameters(), opt, sched))
     model.eval()
     out = Path(out_dir)
     rc.save_reward_clip(model, tokenizer, out)
@@ -433,12 +423,7 @@ def train_captioner(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 500
             nll = cap.caption_nll(model, tokenizer, looked, prompts + [p for p in prompts for _ in range(k)])
             own, near = nll[: len(prompts)], nll[len(prompts):].view(len(prompts), k)
             loss = own.sum() / mask[:, 1:].sum() + rank_weight * F.softplus(own[:, None] - near).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        progress.step(i, loss.item())
+        progress.step(i, descend(loss, model.parameters(), opt, sched))
     model.eval()
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
@@ -568,12 +553,7 @@ def train_segmenter(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 150
         # BCE for every pixel + a soft Dice term, since objects cover only a few percent of the image.
         dice = 1 - (2 * (prob * target).sum((1, 2)) + 1) / (prob.sum((1, 2)) + target.sum((1, 2)) + 1)
         loss = F.binary_cross_entropy_with_logits(logits, target) + 0.5 * dice.mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        progress.step(i, loss.item())
+        progress.step(i, descend(loss, model.parameters(), opt, sched))
     model.eval()
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))

@@ -24,7 +24,7 @@ from diffusers.training_utils import EMAModel
 from transformers import CLIPModel
 
 from ralign.models import toy_t2i
-from ralign.pretrain.common import Progress, cosine_lr, parameter_count
+from ralign.pretrain.common import Progress, cosine_lr, descend, parameter_count
 from ralign.models.tokenizer import build_word_tokenizer
 from ralign.world.data import render_samples, sample_stream
 from ralign.world.prompts import FAMILIES, generate
@@ -77,12 +77,7 @@ def train_text_clip(cfg: T2IPretrainConfig, tokenizer) -> tuple[torch.nn.Module,
                 unique.append(s)
         enc = tokenize(tokenizer, [s.prompt for s in unique])
         out = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, pixel_values=render_samples(unique), return_loss=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        progress.step(i, out.loss.item())
+        progress.step(i, descend(out.loss, model.parameters(), opt, sched))
     model.eval()
     metrics = {"steps": cfg.clip_steps, "batch": cfg.clip_batch, "wall_s": round(progress.wall_s, 1), "params": parameter_count(model)}
     metrics.update(evaluate_text_clip(model, tokenizer))
@@ -120,12 +115,7 @@ def train_vae(cfg: T2IPretrainConfig) -> tuple[torch.nn.Module, dict]:
         recon = vae.decode(posterior.sample()).sample
         # L1 keeps flat colours exact; MSE punishes the rare large error (a missing corner of a triangle) harder.
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        progress.step(i, loss.item())
+        progress.step(i, descend(loss, vae.parameters(), opt, sched))
     vae.eval()
     metrics = {"steps": cfg.vae_steps, "batch": cfg.vae_batch, "wall_s": round(progress.wall_s, 1), "params": parameter_count(vae)}
     metrics.update(_calibrate_vae(vae, cfg.seed))
@@ -173,13 +163,9 @@ def train_unet(cfg: T2IPretrainConfig, tokenizer, text_encoder, vae, snapshot_di
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
         noisy = noise_scheduler.add_noise(latents, noise, t)
         loss = F.mse_loss(unet(noisy, t, context).sample, noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss_value = descend(loss, unet.parameters(), opt, sched)
         ema.step(unet.parameters())
-        progress.step(i, loss.item())
+        progress.step(i, loss_value)
         if snapshot_dir is not None and (i + 1) % cfg.snapshot_every == 0:
             # EMA weights so far: a long run that has to stop early still leaves a usable model.
             ema.store(unet.parameters())
