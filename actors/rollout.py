@@ -118,8 +118,8 @@ class RewardActor:
     def score(self, chains: Chains) -> Chains:
         self._refuse_if_misconfigured()
         start = time.perf_counter()
-        # Arrays out of Ray's object store are read-only; torch must not wrap them as writable tensors.
-        images = torch.tensor(chains.images, device=self.device).permute(0, 3, 1, 2).float() / 255.0
+        # A copy, not a wrap: arrays out of Ray's object store are read-only. Copying straight to float32 is the one copy.
+        images = torch.tensor(chains.images, dtype=torch.float32, device=self.device).permute(0, 3, 1, 2) / 255.0
         inputs = {}
         # What the sampler shipped beyond the images, for rewards that score it.
         if self.reward.uses_attention and chains.attention is not None:

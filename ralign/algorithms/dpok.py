@@ -131,7 +131,7 @@ class DPOK(RolloutAlgorithm):
         return micro_batches * trained_steps(self.cfg.model.policy.steps, self.settings)
 
     def update(self, batch: "Chains", ctx: UpdateContext) -> dict[str, float]:
-        scores = torch.tensor(batch.scores, dtype=torch.float32)  # a copy: Ray hands read-only arrays
+        scores = batch.score_tensor()
         # Per-prompt normalisation over the global batch (all learner workers), as DDPO/DPOK do.
         gathered = ctx.gather((list(batch.prompts), scores.tolist()))
         all_prompts = [p for ps, _ in gathered for p in ps]

@@ -136,7 +136,7 @@ class GRPO(RolloutAlgorithm):
 
     def update(self, batch: Chains, ctx: UpdateContext) -> dict[str, float]:
         s, policy = self.settings, ctx.policy
-        scores = torch.tensor(batch.scores, dtype=torch.float32)  # a copy: Ray hands read-only arrays
+        scores = batch.score_tensor()
         advantages = batch_advantages(scores, [i // s.group_size for i in batch.ids], s.advantage_std, s.eps, ctx.gather)
         latents = torch.as_tensor(batch.latents)
         old_log_probs = mean_log_prob(torch.as_tensor(batch.log_probs), latents[0, 0].numel())

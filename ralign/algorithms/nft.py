@@ -92,7 +92,7 @@ class NFT(RolloutAlgorithm):
 
     def update(self, batch: Chains, ctx: UpdateContext) -> dict[str, float]:
         s, policy = self.settings, ctx.policy
-        scores = torch.tensor(batch.scores, dtype=torch.float32)  # a copy: Ray hands read-only arrays
+        scores = batch.score_tensor()
         groups = [i // s.group_size for i in batch.ids]
         advantages = batch_advantages(scores, groups, s.advantage_std, s.eps, ctx.gather)
         r = optimality(advantages, s.adv_clip).to(policy.device)

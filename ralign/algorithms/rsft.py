@@ -66,7 +66,7 @@ class RSFT(RolloutAlgorithm):
 
     def update(self, batch: Chains, ctx: UpdateContext) -> dict[str, float]:
         s, policy = self.settings, ctx.policy
-        scores = torch.tensor(batch.scores, dtype=torch.float32)  # a copy: Ray hands read-only arrays
+        scores = batch.score_tensor()
         kept = top_k_per_group(scores, [i // s.samples_per_prompt for i in batch.ids], s.top_k)
         kept_set = set(kept)
         x0 = torch.as_tensor(batch.final_latents).to(policy.device)

@@ -125,6 +125,14 @@ class Chains(SampleBatch):
     def final_latents(self):
         return self.latents[:, -1]
 
+    def score_tensor(self):
+        """The scores as a float32 torch tensor the learner may write to: an array that came through Ray's object
+        store is read-only, so it is copied rather than wrapped."""
+        import torch
+
+        scores = self.scores.copy() if isinstance(self.scores, np.ndarray) else self.scores
+        return torch.as_tensor(scores, dtype=torch.float32)
+
 
 @dataclass
 class Prefixes(SampleBatch):
