@@ -176,3 +176,14 @@ class BackpropAlgorithm(GradientAlgorithm):
         return backprop_update(ctx.policy, part.prompts, part.seeds, ctx.reward, self.settings, grad_steps,
                                backward=ctx.backward, start_latents=x_start, start_step=start_step,
                                generator=ctx.generator, quarantine=quarantine)
+
+
+class LastStepsBackprop(BackpropAlgorithm):
+    """DRaFT and AlignProp: the gradient flows through (up to) the last `k` steps, which must fit the chain."""
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        k, steps = cfg.algorithm.settings_of(cls.section).k, cfg.model.policy.steps
+        if k > steps:
+            raise ValueError(f"algorithm.backprop.k={k} is longer than model.policy.steps={steps}")

@@ -133,6 +133,13 @@ def _algorithms_for(family: str) -> list[str]:
     return [n for n in algorithm_names() if family in algorithm_class(n).model_families]
 
 
+def check_skip_last_steps(section: str, skip_last_steps: int, cfg) -> None:
+    """An algorithm that leaves the last `skip_last_steps` of the chain untrained must keep at least one to train."""
+    if skip_last_steps >= cfg.model.policy.steps:
+        raise ValueError(f"algorithm.{section}.skip_last_steps={skip_last_steps} leaves no step of model.policy.steps="
+                         f"{cfg.model.policy.steps} to train")
+
+
 class RolloutAlgorithm(Algorithm):
     """Learns from complete chains scored by the reward actors."""
 

@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 
 from ralign.algorithms.advantages import PerPromptNormalizer
-from ralign.algorithms.base import RolloutAlgorithm, UpdateContext
+from ralign.algorithms.base import RolloutAlgorithm, UpdateContext, check_skip_last_steps
 from ralign.config import StrictModel
 from ralign.diffusion.sampler import as_timestep
 from ralign.diffusion.sampler import Trajectory
@@ -115,10 +115,7 @@ class DPOK(RolloutAlgorithm):
     @classmethod
     def check(cls, cfg) -> None:
         super().check(cfg)
-        s = cfg.algorithm.settings_of(cls.section)
-        if s.skip_last_steps >= cfg.model.policy.steps:
-            raise ValueError(f"algorithm.dpok.skip_last_steps={s.skip_last_steps} leaves no step of model.policy.steps="
-                             f"{cfg.model.policy.steps} to train")
+        check_skip_last_steps(cls.section, cfg.algorithm.settings_of(cls.section).skip_last_steps, cfg)
 
     def __init__(self, cfg):
         super().__init__(cfg)

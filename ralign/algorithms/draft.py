@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ralign.algorithms.backprop_chain import BackpropAlgorithm
+from ralign.algorithms.backprop_chain import LastStepsBackprop
 
 
 def draft_steps(steps: int, k: int) -> list[int]:
@@ -14,15 +14,8 @@ def draft_steps(steps: int, k: int) -> list[int]:
     return list(range(steps - k, steps))
 
 
-class DRaFT(BackpropAlgorithm):
+class DRaFT(LastStepsBackprop):
     name = "draft"
-
-    @classmethod
-    def check(cls, cfg) -> None:
-        super().check(cfg)
-        k, steps = cfg.algorithm.settings_of(cls.section).k, cfg.model.policy.steps
-        if k > steps:
-            raise ValueError(f"algorithm.backprop.k={k} is longer than model.policy.steps={steps}")
 
     def draw_gradient_steps(self, generator: torch.Generator) -> list[int]:
         return draft_steps(self.cfg.model.policy.steps, self.settings.k)

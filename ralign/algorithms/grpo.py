@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ralign.algorithms.base import RolloutAlgorithm, UpdateContext
+from ralign.algorithms.base import RolloutAlgorithm, UpdateContext, check_skip_last_steps
 from ralign.config import StrictModel
 from ralign.diffusion.sampler import as_timestep
 from ralign.rollout.batch import Chains
@@ -116,11 +116,9 @@ class GRPO(RolloutAlgorithm):
     @classmethod
     def check(cls, cfg) -> None:
         super().check(cfg)
-        s, t = cfg.algorithm.settings_of(cls.section), cfg.train
-        if s.skip_last_steps >= cfg.model.policy.steps:
-            raise ValueError(f"algorithm.grpo.skip_last_steps={s.skip_last_steps} leaves no step of model.policy.steps="
-                             f"{cfg.model.policy.steps} to train")
-        check_minibatches(cls.section, s.minibatches, t)
+        s = cfg.algorithm.settings_of(cls.section)
+        check_skip_last_steps(cls.section, s.skip_last_steps, cfg)
+        check_minibatches(cls.section, s.minibatches, cfg.train)
 
     def trainable_steps(self) -> int:
         return self.cfg.model.policy.steps - self.settings.skip_last_steps
