@@ -29,6 +29,8 @@ TRAIN_CASES = {
     "--set into a value": ("train: {lr: 0.1}\n", ["train.lr.x=1"], "'lr' is a value, not a section"),
     "refl window outside the chain": ("algorithm: {name: refl, refl: {late_step_max: 50}}\n", [], "must lie inside model.policy.steps=20"),
     "draft longer than the chain": ("algorithm: {name: draft, backprop: {k: 30}}\n", [], "algorithm.backprop.k=30 is longer than model.policy.steps=20"),
+    "alignprop longer than the chain": ("algorithm: {name: alignprop, backprop: {k: 21}}\n", [], "algorithm.backprop.k=21 is longer than model.policy.steps=20"),
+    "grpo trains no step": ("algorithm: {name: grpo, grpo: {group_size: 2, skip_last_steps: 20}}\n", [], "algorithm.grpo.skip_last_steps=20 leaves no step"),
     "attention reward with dpok": ("reward: {name: grounded_attention}\n", [], "algorithm.name=dpok cannot use them"),
     "attention reward with segments": ("algorithm: {name: interval}\nreward: {name: grounded_attention}\n"
                                        "model: {policy: {text_encoding: segment}}\n", [], "needs model.policy.text_encoding=plain"),
