@@ -92,6 +92,21 @@ def test_groups_come_from_the_prompt_stream_and_configs_that_split_them_are_refu
         make_cfg(minibatches=3)
 
 
+def test_shared_initial_noise_gives_a_group_one_x_T_and_distinct_chains():
+    cfg = make_cfg(shared_initial_noise=True)
+    algorithm = build_algorithm(cfg)
+    assert algorithm.shares_initial_noise(cfg) and not algorithm.shares_initial_noise(make_cfg())
+    source = PromptSource(cfg, algorithm.samples_per_prompt, shared_noise=True)
+    prompts, seeds = source(0, 4)
+    assert prompts == PromptSource(cfg, algorithm.samples_per_prompt)(0, 4)[0]  # the same prompts as without it
+    assert seeds[0] == seeds[1] != seeds[2] == seeds[3]
+    assert source(5, 1)[1] == source(4, 1)[1] != seeds[2]  # a request that starts mid-group (resume) keeps its x_T
+    seed_lora_init()
+    traj = build_policy(cfg.policy_spec()).sample(prompts, seeds)
+    assert torch.equal(traj.latents[0, 0], traj.latents[1, 0])  # one x_T ...
+    assert not torch.allclose(traj.latents[0, -1], traj.latents[1, -1])  # ... and the step noise still tells them apart
+
+
 def test_rsft_keeps_the_top_k_of_each_group_and_trains_on_them():
     from ralign.algorithms.rsft import top_k_per_group
 

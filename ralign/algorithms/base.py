@@ -165,6 +165,11 @@ class RolloutAlgorithm(Algorithm):
     def group_size(cls, cfg) -> int:
         return 1
 
+    @classmethod
+    def shares_initial_noise(cls, cfg) -> bool:
+        """Whether the samples of a group start from one initial noise (their prompt source gives them one seed)."""
+        return False
+
     @property
     def samples_per_prompt(self) -> int:
         return self.group_size(self.cfg)

@@ -43,6 +43,9 @@ class GRPOSettings(StrictModel):
     inner_epochs: int = Field(1, ge=1)
     minibatches: int = Field(2, ge=1)  # optimiser updates per pass over the batch
     eps: float = Field(1e-4, gt=0.0)  # added to the advantage's standard deviation
+    # DanceGRPO's init_same_noise: a group's samples start from one x_T, so what separates their rewards is the step
+    # noise the ratio is computed over, not an initial noise the policy never chose.
+    shared_initial_noise: bool = False
 
 
 def check_minibatches(section: str, minibatches: int, train) -> None:
@@ -112,6 +115,10 @@ class GRPO(RolloutAlgorithm):
     @classmethod
     def group_size(cls, cfg) -> int:
         return cfg.algorithm.settings_of(cls.section).group_size
+
+    @classmethod
+    def shares_initial_noise(cls, cfg) -> bool:
+        return cfg.algorithm.settings_of(cls.section).shared_initial_noise
 
     @classmethod
     def check(cls, cfg) -> None:
