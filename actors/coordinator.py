@@ -50,7 +50,7 @@ class RolloutCoordinator:
         # What each request asks for (full chains, or prefixes and metrics rollouts) is the algorithm's decision.
         algorithm = build_algorithm(cfg)
         self.group_size = algorithm.samples_per_prompt
-        self.pipeline = RolloutPipeline(self.samplers, self.rewards, PromptSource(cfg, self.group_size, algorithm.shares_initial_noise(cfg)), cfg,
+        self.pipeline = RolloutPipeline(self.samplers, self.rewards, PromptSource(cfg, self.group_size, algorithm.shares_initial_noise), cfg,
                                         plan_fn=algorithm.request_plan, group_size=self.group_size)
         self.pipeline.schedule.start_at(next_id, version)
         self.lock = threading.Lock()

@@ -95,7 +95,8 @@ def test_groups_come_from_the_prompt_stream_and_configs_that_split_them_are_refu
 def test_shared_initial_noise_gives_a_group_one_x_T_and_distinct_chains():
     cfg = make_cfg(shared_initial_noise=True)
     algorithm = build_algorithm(cfg)
-    assert algorithm.shares_initial_noise(cfg) and not algorithm.shares_initial_noise(make_cfg())
+    assert algorithm.shares_initial_noise and not build_algorithm(make_cfg()).shares_initial_noise
+    assert not build_algorithm(parse_config(TrainConfig, {"algorithm": {"name": "draft"}})).shares_initial_noise
     source = PromptSource(cfg, algorithm.samples_per_prompt, shared_noise=True)
     prompts, seeds = source(0, 4)
     assert prompts == PromptSource(cfg, algorithm.samples_per_prompt)(0, 4)[0]  # the same prompts as without it

@@ -102,6 +102,11 @@ class Algorithm:
         """Consecutive samples that share a prompt (a group); a group is never split across requests or learners."""
         return 1
 
+    @property
+    def shares_initial_noise(self) -> bool:
+        """Whether the samples of a group start from one initial noise (their prompt source gives them one seed)."""
+        return False
+
     def request_plan(self, request_no: int) -> RequestPlan:
         return RequestPlan()
 
@@ -164,11 +169,6 @@ class RolloutAlgorithm(Algorithm):
     @classmethod
     def group_size(cls, cfg) -> int:
         return 1
-
-    @classmethod
-    def shares_initial_noise(cls, cfg) -> bool:
-        """Whether the samples of a group start from one initial noise (their prompt source gives them one seed)."""
-        return False
 
     @property
     def samples_per_prompt(self) -> int:

@@ -116,9 +116,9 @@ class GRPO(RolloutAlgorithm):
     def group_size(cls, cfg) -> int:
         return cfg.algorithm.settings_of(cls.section).group_size
 
-    @classmethod
-    def shares_initial_noise(cls, cfg) -> bool:
-        return cfg.algorithm.settings_of(cls.section).shared_initial_noise
+    @property
+    def shares_initial_noise(self) -> bool:
+        return self.settings.shared_initial_noise
 
     @classmethod
     def check(cls, cfg) -> None:
