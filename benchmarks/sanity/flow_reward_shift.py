@@ -5,11 +5,9 @@ paired changes over prompts (per-prompt means of the 8 images, families pooled).
 python benchmarks/sanity/flow_reward_shift.py OUT_JSON NAME=CHECKPOINT_DIR [NAME=CHECKPOINT_DIR ...]"""
 import json, sys, torch
 torch.set_num_threads(2)
-import numpy as np
+from jobs.diagnose import sample_and_judge
 from ralign.diffusion.policy import build_policy, policy_from_checkpoint
-from ralign.diffusion.seeding import sample_seed
 from ralign.rewards.detector import DetectorReward
-from ralign.world import oracle
 from ralign.world.evaluation import eval_prompts
 from ralign.world.stats import paired_difference
 SAMPLER, PER_PROMPT = {"steps": 10, "eta": 0.7, "guidance": 3.0}, 8
@@ -19,17 +17,9 @@ reward = DetectorReward()
 def per_prompt_means(policy):
     rewards, verdicts = [], []
     for samples in prompts_by_family.values():
-        prompts = [s.prompt for s in samples for _ in range(PER_PROMPT)]
-        r, c = [], []
-        for lo in range(0, len(prompts), 64):
-            chunk = prompts[lo:lo + 64]
-            with torch.no_grad():
-                traj = policy.sample(chunk, [sample_seed(0, lo + j) for j in range(len(chunk))])
-                r += reward(traj.images, chunk).score.tolist()
-            images = (traj.images.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-            c += [oracle.judge(p, im).all_correct for p, im in zip(chunk, images)]
-        rewards += np.reshape(r, (-1, PER_PROMPT)).mean(1).tolist()
-        verdicts += np.reshape(c, (-1, PER_PROMPT)).mean(1).tolist()
+        r, c, _ = sample_and_judge(policy, reward, [s.prompt for s in samples], PER_PROMPT, seed=0)
+        rewards += r.mean(1).tolist()
+        verdicts += c.mean(1).tolist()
     return rewards, verdicts
 base = per_prompt_means(build_policy({"pipeline": "flow", "policy": {"unet_lora_rank": 0, **SAMPLER}}))
 rows = {}
