@@ -149,6 +149,8 @@ class RolloutAlgorithm(Algorithm):
     """Learns from complete chains scored by the reward actors."""
 
     needs_log_probs: ClassVar[bool] = True  # its update reads the chain's step log-probabilities (eta > 0)
+    # The setting of its section that says how many samples of one prompt a batch holds (None: one each).
+    group_size_setting: ClassVar[str | None] = None
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -168,7 +170,9 @@ class RolloutAlgorithm(Algorithm):
 
     @classmethod
     def group_size(cls, cfg) -> int:
-        return 1
+        if cls.group_size_setting is None:
+            return 1
+        return getattr(cfg.algorithm.settings_of(cls.section), cls.group_size_setting)
 
     @property
     def samples_per_prompt(self) -> int:

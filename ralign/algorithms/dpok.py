@@ -106,11 +106,8 @@ class DPOK(RolloutAlgorithm):
     name = "dpok"
     section = "dpok"
     model_families = ("unet", "flow")
+    group_size_setting = "samples_per_prompt"
     Settings = DPOKSettings
-
-    @classmethod
-    def group_size(cls, cfg) -> int:
-        return cfg.algorithm.settings_of(cls.section).samples_per_prompt
 
     @classmethod
     def check(cls, cfg) -> None:

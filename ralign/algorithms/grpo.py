@@ -110,11 +110,8 @@ class GRPO(RolloutAlgorithm):
     name = "grpo"
     section = "grpo"
     model_families = ("unet", "flow")
+    group_size_setting = "group_size"
     Settings = GRPOSettings
-
-    @classmethod
-    def group_size(cls, cfg) -> int:
-        return cfg.algorithm.settings_of(cls.section).group_size
 
     @property
     def shares_initial_noise(self) -> bool:

@@ -74,13 +74,11 @@ def nft_loss(e_theta: torch.Tensor, e_old: torch.Tensor, target: torch.Tensor, r
 class NFT(RolloutAlgorithm):
     name = "nft"
     section = "nft"
+    group_size_setting = "group_size"
     Settings = NFTSettings
     model_families = ("unet", "flow")  # it reads the policy's forward process (`noised_for_training`, `predict`)
     needs_log_probs = False  # it learns from final images only
 
-    @classmethod
-    def group_size(cls, cfg) -> int:
-        return cfg.algorithm.settings_of(cls.section).group_size
 
     @classmethod
     def check(cls, cfg) -> None:

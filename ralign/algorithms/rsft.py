@@ -45,13 +45,10 @@ def top_k_per_group(scores: torch.Tensor, groups: list[int], k: int) -> list[int
 class RSFT(RolloutAlgorithm):
     name = "rsft"
     section = "rsft"
+    group_size_setting = "samples_per_prompt"
     Settings = RSFTSettings
     model_families = ("unet", "flow")  # it reads the policy's forward process (`noised_for_training`, `predict`)
     needs_log_probs = False  # it learns from final images only: any sampler (eta 0 too) will do
-
-    @classmethod
-    def group_size(cls, cfg) -> int:
-        return cfg.algorithm.settings_of(cls.section).samples_per_prompt
 
     @classmethod
     def check(cls, cfg) -> None:
