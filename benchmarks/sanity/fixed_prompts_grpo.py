@@ -2,8 +2,9 @@
 x 16 samples per iteration, fresh noise each time. Does the reward of those very prompts rise? The oracle judges the
 same images (evaluation only). Results: benchmarks/results/fixed_prompt_sanity.json.
 
-    python benchmarks/sanity/fixed_prompts_grpo.py LR BETA ITERATIONS CLIP FAMILY REWARD SKIP_LAST_STEPS
+    python benchmarks/sanity/fixed_prompts_grpo.py LR BETA ITERATIONS CLIP FAMILY REWARD SKIP_LAST_STEPS [PIPELINE]
     REWARD: a registered reward name, or `random` (standard-normal scores: a control for drift without signal)
+    PIPELINE: `base` (the toy UNet, 10 DDIM steps, eta 1) or `flow` (the toy flow model, 10 SDE steps, noise level 0.7)
 """
 import sys, time, json
 import numpy as np, torch
@@ -21,8 +22,10 @@ lr, beta, iters, clip = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 fam = sys.argv[5]; RW = sys.argv[6] if len(sys.argv) > 6 else "detector"
 G, NP = 16, 4
 SKIP = int(sys.argv[7]) if len(sys.argv) > 7 else 2
+PIPELINE = sys.argv[8] if len(sys.argv) > 8 else "base"
+ETA = {"base": 1.0, "flow": 0.7}[PIPELINE]  # each model's training sampler (flow_grpo.yaml for the flow model)
 cfg = parse_config(TrainConfig, {
-  "model": {"pipeline": "base", "policy": {"unet_lora_rank": 8, "steps": 10, "eta": 1.0, "guidance": 3.0}},
+  "model": {"pipeline": PIPELINE, "policy": {"unet_lora_rank": 8, "steps": 10, "eta": ETA, "guidance": 3.0}},
   "algorithm": {"name": "grpo", "grpo": {"group_size": G, "advantage_std": "global", "clip_range": clip, "beta": beta,
                 "timestep_fraction": 1.0, "skip_last_steps": SKIP, "minibatches": 2}},
   "reward": {"name": "detector"}, "train": {"batch_size": G*NP, "micro_batch": 32, "lr": lr}, "ray": {"request_batch": 32}})
