@@ -79,7 +79,6 @@ class NFT(RolloutAlgorithm):
     model_families = ("unet", "flow")  # it reads the policy's forward process (`noised_for_training`, `predict`)
     needs_log_probs = False  # it learns from final images only
 
-
     @classmethod
     def check(cls, cfg) -> None:
         super().check(cfg)
