@@ -124,20 +124,37 @@ def evaluate(
     pipeline: Annotated[str, typer.Option(help="'base' (committed toy model), a diffusers directory, or a hub id.")] = "base",
     checkpoint: Annotated[Optional[str], typer.Option(help="Evaluate a trained checkpoint instead: a directory, runs:/RUN_ID/checkpoint, models:/NAME@ALIAS or models:/NAME/VERSION (its base model and policy settings come with it).")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI for runs:/ and models:/ (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")] = None,
-    split: Annotated[str, typer.Option(help="Prompt split: train, val, test.")] = "test",
-    n: Annotated[int, typer.Option(min=1, help="Prompts per family.")] = 200,
+    split: Annotated[Optional[str], typer.Option(help="Prompt split: train, val, test (default: test, or --against's).")] = None,
+    n: Annotated[Optional[int], typer.Option(min=1, help="Prompts per family (default: 200, or --against's).")] = None,
+    against: Annotated[Optional[Path], typer.Option(help="Compare, paired, with this earlier evaluation of the same prompts and noise: a `ralign eval --json` report, or a `ralign train --json` summary (its before-training evaluation). Its split, n, seed and families are used.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics JSON here (default: stdout).")] = None,
     grids: Annotated[Optional[Path], typer.Option(help="Directory for per-family image grids (default: beside --json).")] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help="Sampling steps (DDIM, or the flow ODE; default: the checkpoint's evaluation steps, else 20).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (default: the checkpoint's, else 3, which suits the toy base model best).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per pipeline call.")] = 64,
-    seed: Annotated[int, typer.Option(help="Seed of prompts and noise.")] = 0,
-    families: Annotated[str, typer.Option(help="Comma list of families (default: all).")] = "single,binding,counting,spatial,size,long",
+    seed: Annotated[Optional[int], typer.Option(help="Seed of prompts and noise (default: 0, or --against's).")] = None,
+    families: Annotated[Optional[str], typer.Option(help="Comma list of families (default: all, or --against's).")] = None,
 ) -> None:
     """Generate images for held-out prompts, score them with the oracle, write per-family metrics (with 95 %
-    intervals over prompts) and image grids."""
+    intervals over prompts) and image grids; with --against, also the paired change from an earlier evaluation
+    (e.g. a run's before-training one, to see where an intermediate checkpoint stood)."""
     from ralign.world.prompts import FAMILIES, SPLITS
 
+    earlier = None
+    if against is not None:
+        earlier = earlier_evaluation(against)
+        given = {"split": split, "n": n, "seed": seed,
+                 "families": None if families is None else [f.strip() for f in families.split(",") if f.strip()]}
+        fixed = {"split": earlier["split"], "n": earlier["n_per_family"], "seed": earlier["seed"],
+                 "families": list(earlier["per_prompt"])}
+        clash = [f"--{k} {given[k]} (it has {fixed[k]})" for k in given if given[k] is not None and given[k] != fixed[k]]
+        if clash:
+            raise UserError(f"--against {against} fixes the prompts and noise; drop or change {', '.join(clash)}")
+        split, n, seed, families = fixed["split"], fixed["n"], fixed["seed"], ",".join(fixed["families"])
+    split = "test" if split is None else split
+    n = 200 if n is None else n
+    seed = 0 if seed is None else seed
+    families = "single,binding,counting,spatial,size,long" if families is None else families
     fams = [f.strip() for f in families.split(",") if f.strip()]
     bad = [f for f in fams if f not in FAMILIES]
     if bad:
@@ -177,12 +194,33 @@ def evaluate(
     grid_dir = grids if grids is not None else (json_out.parent / f"{json_out.stem}_grids" if json_out else Path("outputs/eval_grids"))
     report = evaluate_generator(generate, split=split, n=n, seed=seed, families=fams, grid_dir=grid_dir)
     report.update(settings)
+    if earlier is not None:
+        from ralign.world.stats import compare_evaluations
+
+        report["change_against"] = {"file": str(against), **compare_evaluations(earlier, report)}
     _emit_json(report, json_out)
     if json_out is not None:
         for fam, m in [*report["families"].items(), ("overall", report["overall"])]:
             lo, hi = m["all_correct_ci"]
             typer.echo(f"  {fam:<8} all-correct {m['all_correct']:.3f} [{lo:.3f}, {hi:.3f}]  n={m['n']}")
+    if earlier is not None:
+        typer.echo(f"against {against}:")
+        typer.echo(describe_change(report["change_against"]))
     typer.echo(f"image grids in {grid_dir}")
+
+
+def earlier_evaluation(path: Path) -> dict:
+    """The evaluation report an `--against` file holds: a `ralign eval --json` report as it is, or the
+    before-training evaluation of a `ralign train --json` summary."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--against {path}: cannot read it as JSON ({exc})") from None
+    report = data.get("oracle_before", data) if isinstance(data, dict) else None
+    if not isinstance(report, dict) or not {"per_prompt", "split", "n_per_family", "seed"} <= set(report):
+        raise UserError(f"--against {path}: neither a `ralign eval --json` report nor a `ralign train --json` summary "
+                        "with a before-training evaluation (it needs per-prompt verdicts, split, n_per_family and seed)")
+    return report
 
 
 diagnose_app = typer.Typer(help="Diagnoses before training: can a reward drive RL on a family?", no_args_is_help=True)

@@ -71,3 +71,17 @@ def test_eval_tiny_run_writes_metrics_and_grids(ralign_cli, tmp_path):
     assert METRIC_KEYS <= set(report["families"]["spatial"])
     assert {"kid", "artifact_rate"} <= set(report["fidelity"])
     assert (tmp_path / "eval_grids" / "grid_single.png").is_file()
+
+    # --against: the same prompts and noise again, paired with the first report; the same model changes nothing.
+    again = ralign_cli("eval", "--pipeline", "base", "--steps", "2", "--against", str(out), "--json", str(tmp_path / "again.json"))
+    assert again.code == 0, again.err[-3000:]
+    change = json.loads((tmp_path / "again.json").read_text())["change_against"]
+    assert list(change["families"]) == ["single", "spatial"]
+    assert change["overall"]["n"] == 4 and change["overall"]["diff"] == 0.0
+    assert "paired 95% interval" in again.out
+    clash = ralign_cli("eval", "--pipeline", "base", "--n", "3", "--against", str(out))
+    assert clash.code == 2 and "fixes the prompts and noise; drop or change --n 3 (it has 2)" in clash.err
+    assert len(clash.err.strip().splitlines()) == 1
+    (tmp_path / "other.json").write_text(json.dumps({"families": {}}))
+    wrong = ralign_cli("eval", "--pipeline", "base", "--against", str(tmp_path / "other.json"))
+    assert wrong.code == 2 and "neither a `ralign eval --json` report" in wrong.err
