@@ -79,6 +79,10 @@ def test_eval_tiny_run_writes_metrics_and_grids(ralign_cli, tmp_path):
     assert list(change["families"]) == ["single", "spatial"]
     assert change["overall"]["n"] == 4 and change["overall"]["diff"] == 0.0
     assert "paired 95% interval" in again.out
+    # A `ralign train --json` summary stands for its before-training evaluation.
+    (tmp_path / "run.json").write_text(json.dumps({"run_id": "r", "oracle_before": report, "oracle_after": report}))
+    from_run = ralign_cli("eval", "--pipeline", "base", "--steps", "2", "--against", str(tmp_path / "run.json"))
+    assert from_run.code == 0 and "overall  " in from_run.out, from_run.err[-3000:]
     clash = ralign_cli("eval", "--pipeline", "base", "--n", "3", "--against", str(out))
     assert clash.code == 2 and "fixes the prompts and noise; drop or change --n 3 (it has 2)" in clash.err
     assert len(clash.err.strip().splitlines()) == 1
