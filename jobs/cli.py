@@ -140,22 +140,21 @@ def evaluate(
     (e.g. a run's before-training one, to see where an intermediate checkpoint stood)."""
     from ralign.world.prompts import FAMILIES, SPLITS
 
+    fams = None if families is None else [f.strip() for f in families.split(",") if f.strip()]
     earlier = None
     if against is not None:
         earlier = earlier_evaluation(against)
-        given = {"split": split, "n": n, "seed": seed,
-                 "families": None if families is None else [f.strip() for f in families.split(",") if f.strip()]}
+        given = {"split": split, "n": n, "seed": seed, "families": fams}
         fixed = {"split": earlier["split"], "n": earlier["n_per_family"], "seed": earlier["seed"],
                  "families": list(earlier["per_prompt"])}
         clash = [f"--{k} {given[k]} (it has {fixed[k]})" for k in given if given[k] is not None and given[k] != fixed[k]]
         if clash:
             raise UserError(f"--against {against} fixes the prompts and noise; drop or change {', '.join(clash)}")
-        split, n, seed, families = fixed["split"], fixed["n"], fixed["seed"], ",".join(fixed["families"])
+        split, n, seed, fams = fixed["split"], fixed["n"], fixed["seed"], fixed["families"]
     split = "test" if split is None else split
     n = 200 if n is None else n
     seed = 0 if seed is None else seed
-    families = "single,binding,counting,spatial,size,long" if families is None else families
-    fams = [f.strip() for f in families.split(",") if f.strip()]
+    fams = list(FAMILIES) if fams is None else fams
     bad = [f for f in fams if f not in FAMILIES]
     if bad:
         raise UserError(f"unknown famil{'y' if len(bad) == 1 else 'ies'} {bad}; expected some of {list(FAMILIES)}")
