@@ -88,6 +88,9 @@ def world_pretrain(
     unet_lr: Annotated[Optional[float], typer.Option(help="UNet learning rate (default: the pretraining config's).")] = None,
     continue_reward_clip: Annotated[int, typer.Option(min=0, help="With reward_clip: train the reward CLIP of OUT/reward_clip for this many more steps (near misses, generated look).")] = 0,
     reward_clip_lr: Annotated[Optional[float], typer.Option(help="Reward CLIP learning rate (default 5e-4).")] = None,
+    continue_preference: Annotated[int, typer.Option(min=0, help="With preference: train the preference model of OUT/preference for this many more steps.")] = 0,
+    preference_near_misses: Annotated[float, typer.Option(min=0.0, max=1.0, help="With preference: fraction of rejected images that are near misses of the prompt's scene (all images then get the generated look).")] = 0.0,
+    preference_lr: Annotated[Optional[float], typer.Option(help="Preference model learning rate (default 2e-4).")] = None,
     continue_captioner: Annotated[int, typer.Option(min=0, help="With captioner: train the captioner of OUT/captioner for this many more steps.")] = 0,
     captioner_near_misses: Annotated[int, typer.Option(min=0, help="With captioner: near misses per image, ranked below the image by the caption reward (0: likelihood only).")] = 0,
     captioner_lr: Annotated[Optional[float], typer.Option(help="Captioner learning rate (default 5e-4).")] = None,
@@ -95,6 +98,9 @@ def world_pretrain(
     segmenter_shared_absent: Annotated[float, typer.Option(min=0.0, max=1.0, help="With segmenter: fraction of absent phrases that share the colour of a present object.")] = 0.0,
     segmenter_look: Annotated[bool, typer.Option(help="With segmenter: give the training images the base model's generated look.")] = False,
     segmenter_lr: Annotated[Optional[float], typer.Option(help="Segmenter learning rate (default 1e-3).")] = None,
+    continue_detector: Annotated[int, typer.Option(min=0, help="With detector: train the detector of OUT/detector for this many more steps.")] = 0,
+    detector_deform: Annotated[float, typer.Option(min=0.0, max=1.0, help="With detector: fraction of circles and squares drawn as in-between rounded squares, labelled by the shape they overlap most.")] = 0.0,
+    detector_lr: Annotated[Optional[float], typer.Option(help="Detector learning rate (default 3e-4).")] = None,
     flow_steps: Annotated[Optional[int], typer.Option(min=1, help="With flow: training steps of the flow transformer (default 6000, times --scale).")] = None,
     continue_flow: Annotated[bool, typer.Option(help="With flow: continue from the transformer in OUT/flow instead of a random init.")] = False,
 ) -> None:
@@ -108,10 +114,13 @@ def world_pretrain(
     overrides = {
         "t2i": given(unet_init=unet_init, continue_steps=continue_unet or None, unet_lr=unet_lr),
         "reward_clip": given(continue_steps=continue_reward_clip or None, lr=reward_clip_lr),
+        "preference": given(continue_steps=continue_preference or None, near_miss_fraction=preference_near_misses or None,
+                            lr=preference_lr),
         "captioner": given(continue_steps=continue_captioner or None, near_misses_per_image=captioner_near_misses or None,
                            lr=captioner_lr),
         "segmenter": given(continue_steps=continue_segmenter or None, shared_absent=segmenter_shared_absent or None,
                            generated_look=segmenter_look or None, lr=segmenter_lr),
+        "detector": given(continue_steps=continue_detector or None, deform_fraction=detector_deform or None, lr=detector_lr),
         "flow": given(steps=flow_steps, init=str(out / "flow" / "transformer") if continue_flow else None),
     }
     results = pretrain_all(out, [p.strip() for p in only.split(",") if p.strip()], scale=scale, seed=seed,

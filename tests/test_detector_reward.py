@@ -104,3 +104,43 @@ def test_detector_pretraining_writes_a_loadable_model_and_card(tmp_path):
     load_detector(tmp_path / "detector")
     card = (tmp_path / "detector" / "MODEL_CARD.md").read_text()
     assert "verdict on near miss" in card and "round trip through the base VAE" in card
+
+
+def test_in_between_shapes_are_drawn_and_labelled_by_the_shape_they_overlap_most():
+    import numpy as np
+
+    from ralign.pretrain.detector import ROUNDING_SPLIT, deform_shapes
+    from ralign.world.scene import Scene, SceneObject, render
+
+    circle, square = SceneObject("red", "circle", "large", 1, 1), SceneObject("red", "square", "large", 1, 1)
+    still = ((0.0, 0.0),)
+    # the renderer's ends of the rounding are the world's own shapes, exactly
+    assert np.array_equal(render(Scene((square,), still), rounding=[0.5]), render(Scene((circle,), still)))
+    assert np.array_equal(render(Scene((circle,), still), rounding=[0.0]), render(Scene((square,), still)))
+    with pytest.raises(ValueError, match="corner radius is 0 to 0.5"):
+        render(Scene((circle,), still), rounding=[0.7])
+    # the split is where a rounded square's IoU with the square equals its IoU with the inscribed circle
+    cover = 1 - (4 - np.pi) * ROUNDING_SPLIT ** 2
+    assert cover == pytest.approx((np.pi / 4) / cover)
+    rng = np.random.default_rng(0)
+    triangle = SceneObject("blue", "triangle", "small", 0, 0)
+    for _ in range(50):
+        scene, rounding = deform_shapes(Scene((circle, triangle), ((0.0, 0.0), (0.0, 0.0))), 1.0, rng)
+        assert rounding[1] is None and scene.objects[1] == triangle
+        assert scene.objects[0].shape == ("square" if rounding[0] < ROUNDING_SPLIT else "circle")
+    scene, rounding = deform_shapes(Scene((circle,), still), 0.0, rng)
+    assert rounding == [None] and scene.objects == (circle,)
+
+
+def test_detector_continued_on_in_between_shapes_keeps_its_card(tmp_path):
+    from ralign.pretrain.detector import train_detector
+
+    shutil.copytree(TOY_DIR / "base" / "vae", tmp_path / "base" / "vae")
+    shutil.copytree(TOY_DIR / "detector", tmp_path / "detector")
+    before = {k: v.clone() for k, v in load_detector(tmp_path / "detector").state_dict().items()}
+    metrics = train_detector(tmp_path / "detector", continue_steps=2, batch=4, lr=1e-5, deform_fraction=0.5, eval_prompts=4)
+    assert metrics["continued"] and metrics["steps"] == 2 and set(metrics["rounded_shapes"]) == {"all", "clear", "n"}
+    after = load_detector(tmp_path / "detector").state_dict()
+    assert any(not torch.equal(before[k], v) for k, v in after.items())
+    card = (tmp_path / "detector" / "MODEL_CARD.md").read_text()
+    assert "rounded squares" in card and "its card said:" in card and "In-between shapes" in card

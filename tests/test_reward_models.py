@@ -15,7 +15,7 @@ from ralign.models import segmenter as seg
 from ralign.pretrain.rewards import corrupt
 from ralign.rewards.clip_score import TOY_DIR, ClipScoreReward, PreferenceReward
 from ralign.world.data import images_to_tensor
-from ralign.world.prompts import generate
+from ralign.world.prompts import FAMILIES, generate
 from ralign.world.scene import object_mask, render
 
 SAMPLES = [s for f in ("single", "binding", "spatial", "counting") for s in generate(f, 4, "test", seed=77)]
@@ -151,6 +151,31 @@ def test_captioner_near_miss_training_writes_a_loadable_model_and_card(tmp_path)
     card = (tmp_path / "captioner" / "MODEL_CARD.md").read_text()
     assert "Bradley-Terry on the NLL" in card and "near-miss accuracy" in card and "its card said:" in card
     assert "round trip through the base VAE" in card
+
+
+def test_preference_pairs_take_near_misses_of_their_own_family():
+    from ralign.pretrain.rewards import CORRUPTIONS, NEAR_MISSES, _pair_batch
+
+    samples = [s for f in ("binding", "counting", "spatial", "size") for s in generate(f, 3, "test", seed=1)]
+    good, bad, kinds = _pair_batch(samples, np.random.default_rng(0), near_miss_fraction=1.0)
+    assert all(k in NEAR_MISSES[s.family] for s, k in zip(samples, kinds))
+    assert good.shape == bad.shape and all(not torch.equal(g, b) for g, b in zip(good, bad))
+    _, _, kinds = _pair_batch(samples, np.random.default_rng(0), near_miss_fraction=0.0)
+    assert set(kinds) <= set(CORRUPTIONS)
+
+
+def test_preference_near_miss_training_writes_a_loadable_model_and_card(tmp_path):
+    from ralign.pretrain.rewards import train_preference
+
+    shutil.copytree(TOY_DIR / "base" / "vae", tmp_path / "base" / "vae")
+    shutil.copytree(TOY_DIR / "preference", tmp_path / "preference")
+    before = {k: v.clone() for k, v in rc.load_reward_clip(tmp_path / "preference")[0].state_dict().items()}
+    metrics = train_preference(tmp_path / "preference", continue_steps=2, batch=4, lr=1e-4, near_miss_fraction=0.5, eval_prompts=4)
+    assert metrics["continued"] and metrics["steps"] == 2 and set(metrics["near_miss_accuracy"]) == set(FAMILIES)
+    model, _ = rc.load_reward_clip(tmp_path / "preference")
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    card = (tmp_path / "preference" / "MODEL_CARD.md").read_text()
+    assert "near miss of the prompt's scene" in card and "its card said:" in card and "round trip through the base VAE" in card
 
 
 def test_shared_absent_phrases_name_a_missing_object_that_shares_a_colour():

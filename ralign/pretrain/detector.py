@@ -8,6 +8,7 @@ scenes alone), given the look of generated images, with each scene object's clas
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,10 @@ import torch
 
 from ralign.models import detector as det
 from ralign.pretrain.common import Progress, cosine_lr, descend, parameter_count
-from ralign.pretrain.rewards import NEAR_MISSES, GeneratedLook, _steps, _write_card, near_miss_scene
+from ralign.pretrain.rewards import NEAR_MISSES, GeneratedLook, _continued_note, _earlier_card, _steps, _write_card, near_miss_scene
 from ralign.world.data import images_to_tensor, sample_stream
 from ralign.world.prompts import FAMILIES, PromptSample, generate
-from ralign.world.scene import IMAGE_SIZE, SIZES, Scene, cell_center, random_jitter, render
+from ralign.world.scene import IMAGE_SIZE, SIZES, Scene, SceneObject, cell_center, random_jitter, render
 
 log = logging.getLogger(__name__)
 _CLASS = {combo: i for i, combo in enumerate(det.LABELS)}
@@ -36,19 +37,43 @@ def scene_targets(scene: Scene) -> dict:
     return {"class_labels": torch.tensor(labels, dtype=torch.long), "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)}
 
 
-def _training_scenes(samples: list[PromptSample], near_miss_fraction: float, rng: np.random.Generator) -> list[Scene]:
+# A rounded square with corner radius rho (a fraction of its side) covers 1 - (4 - pi) rho^2 of its box and contains
+# the circle of that box; its IoU with the square equals its IoU with the circle where that cover is sqrt(pi / 4).
+# An in-between shape is labelled as the world shape it overlaps most: a square below this radius, a circle above.
+ROUNDING_SPLIT = math.sqrt((1 - math.sqrt(math.pi / 4)) / (4 - math.pi))
+
+
+def deform_shapes(scene: Scene, fraction: float, rng: np.random.Generator) -> tuple[Scene, list[float | None]]:
+    """(relabelled scene, rounding): each circle or square, with probability `fraction`, drawn as a rounded square of
+    a random corner radius and labelled as the world shape it overlaps most (ROUNDING_SPLIT). Generative models draw
+    such in-between shapes; a detector that only saw perfect ones calls them at random."""
+    objects, rounding = [], []
+    for o in scene.objects:
+        if o.shape in ("circle", "square") and rng.random() < fraction:
+            rho = float(rng.uniform(0.0, 0.5))
+            objects.append(SceneObject(o.color, "square" if rho < ROUNDING_SPLIT else "circle", o.size, o.row, o.col))
+            rounding.append(rho)
+        else:
+            objects.append(o)
+            rounding.append(None)
+    return Scene(tuple(objects), scene.jitter), rounding
+
+
+def _training_scenes(samples: list[PromptSample], near_miss_fraction: float, rng: np.random.Generator,
+                     deform_fraction: float = 0.0) -> list[tuple[Scene, list[float | None] | None]]:
     scenes = []
     for s in samples:
         scene = s.scene if s.scene.jitter else Scene(s.scene.objects, random_jitter(rng, len(s.scene.objects)))
         if rng.random() < near_miss_fraction:
             kinds = NEAR_MISSES[s.family]
             scene = near_miss_scene(PromptSample(s.prompt, s.family, s.split, scene, s.unseen), kinds[int(rng.integers(len(kinds)))], rng)
-        scenes.append(scene)
+        scenes.append(deform_shapes(scene, deform_fraction, rng) if deform_fraction > 0 else (scene, None))
     return scenes
 
 
-def _images01(scenes: list[Scene]) -> torch.Tensor:
-    return (images_to_tensor([render(sc) for sc in scenes]) + 1.0) / 2.0
+def _images01(scenes: list[Scene], rounding: list | None = None) -> torch.Tensor:
+    rounding = rounding or [None] * len(scenes)
+    return (images_to_tensor([render(sc, rounding=r) for sc, r in zip(scenes, rounding)]) + 1.0) / 2.0
 
 
 def _same_objects(found: list[det.Detection], scene: Scene) -> bool:
@@ -89,12 +114,17 @@ def detector_quality(model, look: GeneratedLook, n: int = 64, seed: int = 321) -
 
 
 def train_detector(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 4000, batch: int = 32, lr: float = 3e-4,
-                   near_miss_fraction: float = 0.5, eval_prompts: int = 64) -> dict:
+                   near_miss_fraction: float = 0.5, deform_fraction: float = 0.0, continue_steps: int = 0,
+                   eval_prompts: int = 64) -> dict:
+    """DETR's set loss on renders with the generated look. `deform_fraction` of circles and squares are drawn as
+    in-between rounded squares (`deform_shapes`). `continue_steps > 0` trains the detector already in `out_dir` for
+    that many more steps; its card keeps the earlier training's description."""
     out = Path(out_dir)
-    steps = _steps(steps, scale)
+    earlier = _earlier_card(out) if continue_steps > 0 else None
+    model = det.load_detector(out) if continue_steps > 0 else det.build_detector()
+    steps = continue_steps if continue_steps > 0 else _steps(steps, scale)
     torch.manual_seed(seed)
     rng, gen = np.random.default_rng(seed + 21), torch.Generator().manual_seed(seed + 22)
-    model = det.build_detector()
     look = GeneratedLook(out.parent / "base" / "vae")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = cosine_lr(opt, steps, warmup=min(200, max(1, steps // 10)))
@@ -102,20 +132,43 @@ def train_detector(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 4000
     progress = Progress("detector", steps, max(1, min(100, steps)))
     model.train()
     for i in range(steps):
-        scenes = _training_scenes(next(stream), near_miss_fraction, rng)
-        loss = det.detection_loss(model, look(_images01(scenes), gen), [scene_targets(sc) for sc in scenes])
+        scenes, rounding = zip(*_training_scenes(next(stream), near_miss_fraction, rng, deform_fraction))
+        loss = det.detection_loss(model, look(_images01(list(scenes), list(rounding)), gen), [scene_targets(sc) for sc in scenes])
         progress.step(i, descend(loss, model.parameters(), opt, sched, max_norm=0.1))  # DETR's own clipping
     model.eval()
     det.save_detector(model, out)
-    metrics = {"steps": steps, "batch": batch, "lr": lr, "near_miss_fraction": near_miss_fraction, "wall_s": round(progress.wall_s, 1),
-               "final_loss": round(float(np.mean(progress.losses[-100:])), 4), "params": parameter_count(model)}
-    return write_detector_card(out, model, metrics, look, eval_prompts)
+    metrics = {"steps": steps, "batch": batch, "lr": lr, "near_miss_fraction": near_miss_fraction, "deform_fraction": deform_fraction,
+               "wall_s": round(progress.wall_s, 1), "final_loss": round(float(np.mean(progress.losses[-100:])), 4),
+               "params": parameter_count(model), "continued": earlier is not None}
+    return write_detector_card(out, model, metrics, look, eval_prompts, earlier)
 
 
-def write_detector_card(out: Path, model, metrics: dict, look: GeneratedLook, eval_prompts: int = 64) -> dict:
-    """Measure the detector in `out` (`detector_quality`) and write its MODEL_CARD.md; returns the metrics with it."""
+@torch.no_grad()
+def rounded_shape_accuracy(model, look: GeneratedLook, n: int = 64, seed: int = 321, band: float = 0.05) -> dict:
+    """How often the detector names an in-between shape (a held-out `single` prompt's circle or square drawn as a
+    rounded square, corner radius uniform on [0, 0.5]) as the world shape it overlaps most; `clear` leaves out radii
+    within `band` of ROUNDING_SPLIT, where the two shapes are nearly equally close. No oracle involved."""
+    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    samples = [s for s in generate("single", 4 * n, "test", seed=seed) if s.scene.objects[0].shape in ("circle", "square")][:n]
+    scenes, rounding = zip(*(deform_shapes(s.scene, 1.0, rng) for s in samples))
+    found = det.detect(model, look(_images01(list(scenes), list(rounding)), gen))
+    right = np.array([len(f) == 1 and f[0].shape == sc.objects[0].shape for f, sc in zip(found, scenes)])
+    clear = np.array([abs(r[0] - ROUNDING_SPLIT) > band for r in rounding])
+    return {"all": round(float(right.mean()), 3), "clear": round(float(right[clear].mean()), 3), "n": len(samples)}
+
+
+def write_detector_card(out: Path, model, metrics: dict, look: GeneratedLook, eval_prompts: int = 64,
+                        earlier: str | None = None) -> dict:
+    """Measure the detector in `out` (`detector_quality`, `rounded_shape_accuracy`) and write its MODEL_CARD.md;
+    returns the metrics with it."""
     quality = detector_quality(model, look, n=eval_prompts)
-    metrics = {**metrics, "threshold": det.DEFAULT_THRESHOLD, "quality": quality}
+    rounded = rounded_shape_accuracy(model, look, n=eval_prompts)
+    metrics = {**metrics, "threshold": det.DEFAULT_THRESHOLD, "quality": quality, "rounded_shapes": rounded}
+    deformed = ""
+    if metrics.get("deform_fraction"):
+        deformed = (f" Of the circles and squares, {metrics['deform_fraction']:.0%} are drawn as rounded squares with a\n"
+                    f"  corner radius uniform on [0, 0.5] of the side, labelled as the world shape each overlaps most (IoU):\n"
+                    f"  a square below {ROUNDING_SPLIT:.3f}, a circle above (generative models draw such in-between shapes).")
     table = "\n".join(f"| {f} | {q['exact']:.3f} | {q['verdict_on_correct']:.3f} | {q['verdict_on_near_miss']:.3f} |"
                       for f, q in quality.items())
     _write_card(out, "Toy object detector (transformers `ConditionalDetrForObjectDetection`, ResNet backbone from config)", f"""
@@ -126,10 +179,10 @@ Finds the world's objects for the `detector` reward (GenEval-style: rules over d
 - Data: renders of generated prompts of every family and combination (split `all`), fresh each step; for
   {metrics['near_miss_fraction']:.0%} of them a near miss of the scene instead (one object recoloured, reshaped, removed,
   added, moved, resized or swapped), for layouts beyond the prompts'. Every image given the generated look:
-  {look.describe()}. Targets: each object's class and box, from the scene graph.
+  {look.describe()}. Targets: each object's class and box, from the scene graph.{deformed}
 - Training: the Conditional DETR set loss (Hungarian matching; focal class, L1 and GIoU terms, auxiliary decoder
   losses), {metrics['steps']} steps, batch {metrics['batch']}, AdamW lr {metrics['lr']}, cosine, gradient clip 0.1; wall time
-  {metrics['wall_s']} s, final loss {metrics['final_loss']}.
+  {metrics['wall_s']} s, final loss {metrics['final_loss']}.{_continued_note(earlier, "--continue-detector")}
 - Quality on {eval_prompts} held-out `test` prompts per family, generated look, no oracle involved: `exact` = the
   detections are exactly the scene's objects (class, size, cell); the `detector` reward's all-correct verdict on
   the prompt's own scene (should be 1) and on a near miss of it (should be 0):
@@ -137,6 +190,10 @@ Finds the world's objects for the `detector` reward (GenEval-style: rules over d
 | family | exact | verdict on own scene | verdict on near miss |
 | --- | --- | --- | --- |
 {table}
+
+- In-between shapes: on {rounded['n']} held-out `single` circles and squares drawn as rounded squares (corner radius
+  uniform on [0, 0.5]), the detector names the world shape each overlaps most {rounded['all']:.3f} of the time;
+  {rounded['clear']:.3f} with radii within 0.05 of the split ({ROUNDING_SPLIT:.3f}) left out.
 
 How often its verdict agrees with the oracle's on *generated* images: `ralign diagnose reward --reward detector`
 (benchmarks/results/detector_reward.md).

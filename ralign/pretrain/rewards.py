@@ -311,10 +311,13 @@ def corrupt(sample: PromptSample, kind: str, rng: np.random.Generator) -> np.nda
     return render(Scene((*objs, extra), scene.jitter + random_jitter(rng, 1)))
 
 
-def _pair_batch(samples, rng) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    kinds = [CORRUPTIONS[int(rng.integers(len(CORRUPTIONS)))] for _ in samples]
+def _pair_batch(samples, rng, near_miss_fraction: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(chosen, rejected, kinds): each prompt's clean render against a corruption of it or, for `near_miss_fraction`
+    of them, a near miss of its scene (one compositional mistake its family's prompts can express)."""
+    kinds = [NEAR_MISSES[s.family][int(rng.integers(len(NEAR_MISSES[s.family])))] if rng.random() < near_miss_fraction
+             else CORRUPTIONS[int(rng.integers(len(CORRUPTIONS)))] for s in samples]
     good = [render(s.scene) for s in samples]
-    bad = [corrupt(s, k, rng) for s, k in zip(samples, kinds)]
+    bad = [corrupt(s, k, rng) if k in CORRUPTIONS else render(near_miss_scene(s, k, rng)) for s, k in zip(samples, kinds)]
     return (images_to_tensor(good) + 1) / 2, (images_to_tensor(bad) + 1) / 2, kinds
 
 
@@ -322,28 +325,42 @@ def preference_logits(model, tokenizer, images01, prompts) -> torch.Tensor:
     return model.logit_scale.exp().clamp(max=100) * (rc.encode_images(model, images01) * rc.encode_texts(model, tokenizer, prompts)).sum(-1)
 
 
-def train_preference(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 300, batch: int = 32, lr: float = 2e-4) -> dict:
-    """Bradley-Terry on (clean, corrupted) pairs, initialised from the reward CLIP when one is beside `out_dir`:
-    like PickScore (fine-tuned from CLIP-H), the preference model starts from a model that already aligns text and
-    image, and learns what people prefer on top of that."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed + 21)
-    steps = _steps(steps, scale)
-    base = Path(out_dir).parent / "reward_clip"
+def _initial_preference_model(out: Path):
+    """(model, tokenizer, what it started from): like PickScore (fine-tuned from CLIP-H), the preference model starts
+    from a model that already aligns text and image, the reward CLIP beside `out` when there is one."""
+    base = out.parent / "reward_clip"
     if (base / "open_clip_config.json").is_file():
-        model, tokenizer = rc.load_reward_clip(base)
-        init = "reward CLIP"
+        return (*rc.load_reward_clip(base), "reward CLIP")
+    return (*rc.build_reward_clip(), "random")
+
+
+def train_preference(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 300, batch: int = 32, lr: float = 2e-4,
+                     near_miss_fraction: float = 0.0, continue_steps: int = 0, eval_prompts: int = 64) -> dict:
+    """Bradley-Terry on (clean, rejected) pairs, initialised from the reward CLIP when one is beside `out_dir`.
+    With `near_miss_fraction > 0`, that fraction of the rejected images are near misses of the prompt's scene and
+    every image (chosen and rejected alike) gets the base model's generated look: corruptions alone never show the
+    model two clean-looking images of which only one matches the prompt, and that is what it must tell apart on
+    generated images. `continue_steps > 0` trains the preference model already in `out_dir` for that many more
+    steps; its card keeps the earlier training's description."""
+    out = Path(out_dir)
+    if continue_steps > 0:
+        model, tokenizer, init = *rc.load_reward_clip(out), "the preference model that was here"
+        steps, earlier = continue_steps, _earlier_card(out)
     else:
-        model, tokenizer = rc.build_reward_clip()
-        init = "random"
+        (model, tokenizer, init), steps, earlier = _initial_preference_model(out), _steps(steps, scale), None
+    torch.manual_seed(seed)
+    rng, gen = np.random.default_rng(seed + 21), torch.Generator().manual_seed(seed + 23)
+    look = GeneratedLook(out.parent / "base" / "vae") if near_miss_fraction > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    sched = cosine_lr(opt, steps, warmup=min(50, steps))
+    sched = cosine_lr(opt, steps, warmup=min(50, steps) if earlier is None else max(1, steps // 10))
     stream = sample_stream(batch, seed=seed + 22)
     progress = Progress("preference", steps, max(1, min(100, steps)))
     model.train()
     for i in range(steps):
         samples = _unique(next(stream))
-        good, bad, _ = _pair_batch(samples, rng)
+        good, bad, _ = _pair_batch(samples, rng, near_miss_fraction)
+        if look is not None:
+            good, bad = look(torch.cat([good, bad]), gen).split(len(samples))
         prompts = [s.prompt for s in samples]
         ids = rc.tokenize(tokenizer, prompts)
         margin = preference_logits(model, tokenizer, good, prompts) - preference_logits(model, tokenizer, bad, prompts)
@@ -351,24 +368,43 @@ def train_preference(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 30
         loss = F.softplus(-margin).mean() + 0.5 * _clip_loss(model, good, ids)
         progress.step(i, descend(loss, model.parameters(), opt, sched))
     model.eval()
-    out = Path(out_dir)
     rc.save_reward_clip(model, tokenizer, out)
     accuracy = _pair_accuracy(model, tokenizer, seed)
-    metrics = {"steps": steps, "batch": batch, "wall_s": round(progress.wall_s, 1), "params": parameter_count(model), "init": init,
-               "pair_accuracy": accuracy}
+    eval_look = look or GeneratedLook(out.parent / "base" / "vae")
+    near_acc = near_miss_accuracy(lambda images01, prompts: preference_logits(model, tokenizer, images01, prompts), eval_look, n=eval_prompts)
+    metrics = {"steps": steps, "batch": batch, "lr": lr, "near_miss_fraction": near_miss_fraction, "wall_s": round(progress.wall_s, 1),
+               "params": parameter_count(model), "init": init, "pair_accuracy": accuracy, "near_miss_accuracy": near_acc,
+               "continued": earlier is not None}
     table = "\n".join(f"| {k} | {v:.3f} |" for k, v in accuracy.items())
+    near_table = "\n".join(f"| {f} | {a:.3f} |" for f, a in near_acc.items())
+    rejected = (f"{', '.join(CORRUPTIONS)} (noise sigma 40/255, Gaussian blur sigma 1.6, one object's colour or shape\n"
+                "  changed, one object removed, one small object added)")
+    if near_miss_fraction > 0:
+        kinds = "; ".join(f"{f}: {', '.join(k)}" for f, k in NEAR_MISSES.items())
+        rejected = (f"for {near_miss_fraction:.0%} of pairs a near miss of the prompt's scene, one mistake its family's\n"
+                    f"  prompts can express ({kinds}); for the rest {rejected}. Chosen and rejected images alike get\n"
+                    f"  the generated look: {look.describe()}")
     _write_card(out, "Toy preference model (open_clip `CLIP`, PickScore-style)", f"""
 Scores how much a person would prefer an image for a prompt: scaled cosine similarity, trained with a Bradley-Terry
-loss on (clean render, corrupted render) pairs. Initialised from: {init}.
-- Rejected kinds: {', '.join(CORRUPTIONS)} (noise sigma 40/255, Gaussian blur sigma 1.6, one object's colour or shape
-  changed, one object removed, one small object added).
+loss on (clean render, rejected render) pairs. Initialised from: {init}.
+- Rejected: {rejected}.
 - Training: {steps} steps, batch {batch} pairs, AdamW lr {lr}, BT loss + 0.5 x contrastive loss; wall time
-  {metrics['wall_s']} s. Parameters: {metrics['params']:,}.
+  {metrics['wall_s']} s. Parameters: {metrics['params']:,}.{_continued_note(earlier, "--continue-preference")}
 - Quality: pairwise accuracy (clean preferred) on 60 held-out `test` prompts per rejection kind (chance 0.5):
 
 | rejection kind | accuracy |
 | --- | --- |
 {table}
+
+- Near-miss accuracy on {eval_prompts} held-out `test` prompts per family (own image preferred over a near miss of
+  it, both with the generated look: {eval_look.describe()}; chance 0.5):
+
+| family | near-miss accuracy |
+| --- | --- |
+{near_table}
+
+How well it ranks the base model's own samples of a prompt: `ralign diagnose reward --reward preference`
+(benchmarks/results/diagnose.md).
 """)
     return metrics
 

@@ -7,6 +7,7 @@ file, and imported everywhere else.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,19 +87,29 @@ def _shape_polygon(shape: str, cx: float, cy: float, side: float) -> list[tuple[
     return None
 
 
-def render(scene: Scene, image_size: int = IMAGE_SIZE, supersample: int = 4) -> np.ndarray:
-    """Render a scene to an HxWx3 uint8 array, anti-aliased by drawing at `supersample`x and downsampling."""
+def render(scene: Scene, image_size: int = IMAGE_SIZE, supersample: int = 4,
+           rounding: Sequence[float | None] | None = None) -> np.ndarray:
+    """Render a scene to an HxWx3 uint8 array, anti-aliased by drawing at `supersample`x and downsampling.
+
+    `rounding` (one entry per object, None = the object's own shape) draws a circle or square as a rounded square
+    whose corner radius is that fraction of its side: 0 is a square, 0.5 a circle, values between are the
+    in-between shapes a generative model draws (used to train the detector on them, not by the world)."""
     big = image_size * supersample
     scale = supersample * image_size / IMAGE_SIZE
     canvas = Image.new("RGB", (big, big), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     jitter = scene.jitter or tuple((0.0, 0.0) for _ in scene.objects)
-    for obj, (dx, dy) in zip(scene.objects, jitter):
+    for k, (obj, (dx, dy)) in enumerate(zip(scene.objects, jitter)):
         cx, cy = cell_center(obj.row, obj.col)
         cx, cy, side = (cx + dx) * scale, (cy + dy) * scale, SIZES[obj.size] * scale
         fill = COLORS[obj.color]
         poly = _shape_polygon(obj.shape, cx, cy, side)
-        if poly is None:
+        radius = rounding[k] if rounding is not None and obj.shape in ("circle", "square") else None
+        if radius is not None:
+            if not 0.0 <= radius <= 0.5:
+                raise ValueError(f"rounding {radius} of object {k}: a corner radius is 0 to 0.5 of the side")
+            draw.rounded_rectangle([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], radius=radius * side, fill=fill)
+        elif poly is None:
             draw.ellipse([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], fill=fill)
         else:
             draw.polygon(poly, fill=fill)
