@@ -153,7 +153,34 @@ def _base_digest(method: str, n_per_family: int) -> str:
     return hashlib.sha256(name.encode()).hexdigest()[:12]
 
 
-def _row(report: dict, summary: dict | None, wall_s: float, digest: str, to_target: dict | None = None) -> dict:
+def weights_read(method: str, cfg: TrainConfig | None) -> dict[str, str]:
+    """{model directory: fingerprint} of the weights a row is made from: the policy's pipeline and every model its
+    reward reads (the reward says which). A config digest cannot see retrained weights behind the same path."""
+    from ralign.models import TOY_MODELS_DIR, resolve_model_path
+    from ralign.models.weights import weights_fingerprint
+    from ralign.rewards.registry import model_dirs
+
+    model = cfg.model if cfg is not None else load_config(TrainConfig, CONFIG_DIR / BASE_SETTINGS[method]).model
+    where = Path(resolve_model_path(model.pipeline))
+    dirs = [where.resolve()] if where.is_dir() else []  # a hub id is named by the config digest already
+    if cfg is not None:
+        spec = cfg.reward.spec()
+        dirs += model_dirs(spec.pop("name"), spec)
+
+    def label(d: Path) -> str:
+        return d.relative_to(TOY_MODELS_DIR).as_posix() if d.is_relative_to(TOY_MODELS_DIR) else str(d)
+
+    return {label(d): weights_fingerprint(d) for d in dict.fromkeys(dirs)}
+
+
+def changed_weights(stored_row: dict, weights: dict[str, str]) -> list[str]:
+    """The model directories whose weights differ from those a stored row was measured with (none known: [])."""
+    recorded = stored_row.get("weights") or {}
+    return sorted(d for d in set(recorded) | set(weights) if recorded and recorded.get(d) != weights.get(d))
+
+
+def _row(report: dict, summary: dict | None, wall_s: float, digest: str, to_target: dict | None = None,
+         weights: dict[str, str] | None = None) -> dict:
     s = summary or {}  # the base row has no training run
     return {
         "change": s.get("oracle_change"),  # paired: the same prompts and noise before and after training
@@ -172,6 +199,7 @@ def _row(report: dict, summary: dict | None, wall_s: float, digest: str, to_targ
         "oracle_before_overall": (s.get("oracle_before") or {}).get("overall"),
         "wall_s": round(wall_s, 1),
         "config_digest": digest,
+        "weights": weights,
     }
 
 
@@ -183,8 +211,21 @@ def _save(results: dict, json_out: Path, out_dir: Path) -> None:
     _write_markdown(results, json_out, out_dir)
 
 
+def stale_rows(results: dict) -> dict[str, list[str]]:
+    """{method: model directories whose weights in this checkout differ from the ones its row was measured with}."""
+    stale = {}
+    for method, row in results["rows"].items():
+        if method not in METHODS:
+            continue
+        cfg = None if METHODS[method] is None else method_config(method, results["n_per_family"], None, [])
+        changed = changed_weights(row, weights_read(method, cfg))
+        if changed:
+            stale[method] = changed
+    return stale
+
+
 def _write_markdown(results: dict, json_out: Path, out_dir: Path) -> None:
-    md = markdown_table(results)
+    md = markdown_table(results, stale_rows(results))
     (out_dir / "compare.md").write_text(md)
     json_out.with_suffix(".md").write_text(md)
 
@@ -261,8 +302,9 @@ def _target(t: dict | None) -> str:
     return f"{t['samples']}" + (f" ({t['wall_s']:.0f} s)" if t.get("wall_s") is not None else " (end)")
 
 
-def markdown_table(results: dict) -> str:
-    rows = results["rows"]
+def markdown_table(results: dict, stale: dict[str, list[str]] | None = None) -> str:
+    """The table; a row in `stale` ({method: model directories}) is marked as measured with other weights of those."""
+    rows, stale = results["rows"], stale or {}
     fams = list(FAMILIES)
     head = ["method", *fams, "overall", "change vs before training [95%]", "samples to +0.05", "samples to +0.10",
             "KID", "artefacts", "train reward (first→last)", "reward hacking", "wall s"]
@@ -272,7 +314,8 @@ def markdown_table(results: dict) -> str:
         reward = (f"{r['train_reward_first']:.3f}→{r['train_reward']:.3f}" if r.get("train_reward") is not None else "–")
         targets = r.get("samples_to_target") or {}
         hacked = ", ".join(r.get("reward_hacking") or []) or ("no" if r.get("change") else "–")
-        lines.append("| " + " | ".join([LABELS.get(m, m), *fam_cells, _rate(r["overall"]), _change(r.get("change") and r["change"]["overall"]),
+        label = LABELS.get(m, m) + (f" (measured with earlier weights of {', '.join(stale[m])})" if m in stale else "")
+        lines.append("| " + " | ".join([label, *fam_cells, _rate(r["overall"]), _change(r.get("change") and r["change"]["overall"]),
                                          _target(targets.get("+0.05")), _target(targets.get("+0.10")),
                                          f"{r['fidelity']['kid']:.2f}", f"{r['fidelity']['artifact_rate']:.3f}", reward, hacked,
                                          f"{r['wall_s']:.0f}"]) + " |")
@@ -313,9 +356,14 @@ def compare(methods: list[str], out_dir: Path, json_out: Path, n_per_family: int
         cfg = None if METHODS[method] is None else method_config(method, n_per_family, tracking_uri, extra_overrides or [])
         pre_stage = None if cfg is None else pre_stage_config(method, cfg, tracking_uri)
         digest = _digest(cfg, n_per_family, pre_stage) if cfg is not None else _base_digest(method, n_per_family)
-        if reuse and results["rows"].get(method, {}).get("config_digest") == digest:
-            log.info("compare: reusing %s (same config, digest %s)", method, digest)
-            continue
+        weights = weights_read(method, cfg)
+        stored = results["rows"].get(method, {})
+        if reuse and stored.get("config_digest") == digest:
+            changed = changed_weights(stored, weights)
+            if not changed:
+                log.info("compare: reusing %s (same config, digest %s; same weights)", method, digest)
+                continue
+            log.info("compare: %s was measured with other weights of %s; running it again", method, ", ".join(changed))
         log.info("compare: %s ...", method)
         start = time.time()
         if pre_stage is not None:
@@ -329,7 +377,7 @@ def compare(methods: list[str], out_dir: Path, json_out: Path, n_per_family: int
             report = summary["oracle_after"]
             _fetch_grids(summary, out_dir / "grids" / method)
         to_target = samples_to_target(summary, cfg) if summary else None
-        results["rows"][method] = _row(report, summary, time.time() - start, digest, to_target)
+        results["rows"][method] = _row(report, summary, time.time() - start, digest, to_target, weights)
         _save(results, json_out, out_dir)
         log.info("compare: %s done in %.0fs: overall all-correct %.3f", method, time.time() - start, report["overall"]["all_correct"])
     _save(results, json_out, out_dir)  # also when every row was reused: rows merged from parallel runs get ordered

@@ -67,6 +67,9 @@ def test_compare_base_and_comat_tiny(ralign_cli_inprocess, tmp_path, monkeypatch
     assert result.exit_code == 0 and "reusing comat" in caplog.text, (result.output[-3000:], result.exception)
     rows = json.loads(js.read_text())["rows"]
     assert rows["comat"]["run_id"] == comat["run_id"] and list(rows) == ["base", "comat", "flow_base"]
+    # each row records the weights it was measured with: the pipeline and what its reward reads
+    assert set(rows["base"]["weights"]) == {"base"} and set(rows["flow_base"]["weights"]) == {"flow"}
+    assert {"base", "detector", "segmenter"} <= set(rows["comat"]["weights"])
 
 
 def test_a_setting_added_at_its_old_behaviour_keeps_stored_rows_valid():
@@ -95,3 +98,33 @@ def test_a_changed_pre_stage_makes_the_stored_row_stale(tmp_path, monkeypatch):
     assert _digest(cfg, 100, stage1) == committed["rows"]["longalign"]["config_digest"]
     assert _digest(cfg, 100, stage1.model_copy(update={"steps": stage1.steps + 1})) != _digest(cfg, 100, stage1)
     assert pre_stage_config("comat", method_config("comat", 100, None, []), None) is None
+
+
+def test_a_row_measured_with_other_weights_is_not_passed_off_as_current(tmp_path):
+    """A config digest cannot see retrained weights behind the same path: rows record their models' fingerprints,
+    a changed one makes the row stale (run again, and marked in the table until then)."""
+    import shutil
+
+    from jobs.compare import changed_weights, markdown_table, method_config, weights_read
+    from ralign.models import TOY_MODELS_DIR
+    from ralign.models.weights import weights_fingerprint
+    from ralign.rewards.registry import model_dirs
+
+    weights = weights_read("draft", method_config("draft", 100, None, []))
+    assert set(weights) == {"base", "preference"}
+    assert set(weights_read("longalign", method_config("longalign", 100, None, []))) == {"base", "preference", "detector"}
+    assert changed_weights({"weights": weights}, weights) == []
+    assert changed_weights({"weights": {**weights, "preference": "0" * 12}}, weights) == ["preference"]
+    assert changed_weights({}, weights) == []  # a row from before fingerprints: unknown, not stale
+    # the reward says what it reads, through composites and wrappers, with its path options
+    assert model_dirs("fault_injection", {"inner": {"name": "detector"}}) == [TOY_MODELS_DIR / "detector"]
+    assert model_dirs("grounded_attention", {"segmenter": {"backend": "toy_grounded"}}) == [TOY_MODELS_DIR / "detector", TOY_MODELS_DIR / "segmenter"]
+    copy = shutil.copytree(TOY_MODELS_DIR / "preference", tmp_path / "preference")
+    assert model_dirs("weighted", {"terms": [{"name": "preference", "path": str(copy)}, {"name": "colorfulness"}]}) == [copy.resolve()]
+    before = weights_fingerprint(copy)
+    assert before == weights["preference"]
+    (copy / "open_clip_config.json").write_text((copy / "open_clip_config.json").read_text() + "\n")
+    assert weights_fingerprint(copy) != before
+    committed = json.loads((Path(__file__).parents[1] / "benchmarks/results/compare.json").read_text())
+    md = markdown_table({**committed, "rows": {"draft": committed["rows"]["draft"]}}, {"draft": ["preference"]})
+    assert "| DRaFT-2 + preference (measured with earlier weights of preference) |" in md

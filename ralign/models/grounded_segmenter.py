@@ -103,17 +103,28 @@ class ToyGroundedSegmenter:
         return out
 
 
+def _backend_class(backend: str):
+    if backend == "toy":
+        return ToySegmenter
+    if backend == "toy_grounded":
+        return ToyGroundedSegmenter
+    if backend == "grounded_sam":
+        from ralign.models.grounded_sam import GroundingDinoSamSegmenter
+
+        return GroundingDinoSamSegmenter
+    raise ValueError(f"segmenter backend must be 'toy', 'toy_grounded' or 'grounded_sam', got {backend!r}")
+
+
+def grounded_segmenter_dirs(spec: dict | None = None) -> list:
+    """The directories of weights the segmenter of `spec` reads (see `build_grounded_segmenter`)."""
+    from ralign.models.weights import directories_read
+
+    spec = dict(spec or {})
+    return directories_read(_backend_class(spec.pop("backend", "toy")).__init__, spec)
+
+
 def build_grounded_segmenter(spec: dict | None = None, device: str = "cpu") -> GroundedSegmenter:
     """`{"backend": "toy", "path": ..}`, `{"backend": "toy_grounded", "detector": .., "segmenter": ..}` or
     `{"backend": "grounded_sam", "detector": .., "sam": ..}`."""
     spec = dict(spec or {})
-    backend = spec.pop("backend", "toy")
-    if backend == "toy":
-        return ToySegmenter(device=device, **spec)
-    if backend == "toy_grounded":
-        return ToyGroundedSegmenter(device=device, **spec)
-    if backend == "grounded_sam":
-        from ralign.models.grounded_sam import GroundingDinoSamSegmenter
-
-        return GroundingDinoSamSegmenter(device=device, **spec)
-    raise ValueError(f"segmenter backend must be 'toy', 'toy_grounded' or 'grounded_sam', got {backend!r}")
+    return _backend_class(spec.pop("backend", "toy"))(device=device, **spec)

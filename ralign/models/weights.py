@@ -127,3 +127,31 @@ def load_pretrained(model_cls, path: str | Path, strict: bool = True):
             if names:
                 raise CheckpointError(f"{path}: tensor(s) {_listing(names)} {problem} (a damaged file, or weights of another model)")
     return model.eval()
+
+
+def directories_read(constructor, options: Mapping) -> list[Path]:
+    """The model directories a constructor reads with these options: every parameter whose given value (or default)
+    names an existing directory. Rewards and segmenters take their weights as such path parameters."""
+    import inspect
+
+    found = []
+    for name, parameter in inspect.signature(constructor).parameters.items():
+        value = options.get(name, parameter.default)
+        if isinstance(value, (str, Path)) and str(value) and Path(value).expanduser().is_dir():
+            found.append(Path(value).expanduser().resolve())
+    return found
+
+
+def weights_fingerprint(directory: str | Path) -> str:
+    """A short digest of a model directory's weights and configs (every safetensors and JSON file under it), so a
+    result can say which weights it was measured with and a later change to them is noticed."""
+    import hashlib
+
+    root = Path(directory)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:12]

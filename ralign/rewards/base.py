@@ -64,6 +64,14 @@ class Reward:
         return [cls.name] if cls.uses_attention or cls.uses_latents else []
 
     @classmethod
+    def model_dirs_for(cls, options: dict) -> list[Path]:
+        """The directories of weights the reward reads with these options (its path parameters); `ralign compare`
+        records their fingerprints so that a row measured with other weights is not passed off as current."""
+        from ralign.models.weights import directories_read
+
+        return directories_read(cls.__init__, options)
+
+    @classmethod
     def attention_for(cls, options: dict) -> bool:
         """Whether it (or a term of it) scores cross-attention, which samplers must then record."""
         return cls.uses_attention

@@ -53,6 +53,14 @@ class FaultInjectionReward(Reward):
         return needs_chain_inputs(name, inner) if name else []
 
     @classmethod
+    def model_dirs_for(cls, options: dict) -> list:
+        from ralign.rewards.registry import model_dirs
+
+        inner = dict(options.get("inner") or {})
+        name = inner.pop("name", None)
+        return model_dirs(name, inner) if name else []
+
+    @classmethod
     def attention_for(cls, options: dict) -> bool:
         from ralign.rewards.registry import needs_attention
 

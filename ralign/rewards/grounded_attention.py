@@ -81,6 +81,12 @@ class GroundedAttentionReward(Reward):
     differentiable = True
     uses_attention = True
 
+    @classmethod
+    def model_dirs_for(cls, options: dict) -> list:
+        from ralign.models.grounded_segmenter import grounded_segmenter_dirs
+
+        return grounded_segmenter_dirs(options.get("segmenter"))
+
     def __init__(self, segmenter: dict | None = None, token_weight: float = 1e-3, pixel_weight: float = 5e-5,
                  parser: str = "auto", device: str = "cpu"):
         self.segmenter = build_grounded_segmenter(segmenter, device=device)

@@ -58,6 +58,11 @@ def needs_attention(name: str, options: dict | None = None) -> bool:
     return reward_class(name).attention_for(options or {})
 
 
+def model_dirs(name: str, options: dict | None = None) -> list:
+    """The directories of weights the reward (and every term of a composite) reads with these options."""
+    return reward_class(name).model_dirs_for(options or {})
+
+
 def build_reward(spec: dict) -> Reward:
     """A reward from `{"name": ..., **options}` (e.g. `RewardSection.spec()`)."""
     spec = dict(spec)

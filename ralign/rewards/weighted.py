@@ -94,6 +94,12 @@ class WeightedReward(Reward):
         return [n for t in options.get("terms", []) for n in needs_chain_inputs(t.get("name"), t)]
 
     @classmethod
+    def model_dirs_for(cls, options: dict) -> list:
+        from ralign.rewards.registry import model_dirs
+
+        return [d for t in options.get("terms", []) for d in model_dirs(t.get("name"), t)]
+
+    @classmethod
     def attention_for(cls, options: dict) -> bool:
         from ralign.rewards.registry import needs_attention
 
