@@ -108,13 +108,23 @@ def samples_to_target(summary: dict, cfg: TrainConfig) -> dict:
     return out
 
 
-# Policy settings added after rows were stored, with the default that reproduces the older behaviour. At that default
-# a setting cannot change a row's numbers, so it stays out of the digest and the stored rows stay valid.
-_POLICY_SETTINGS_ADDED = {"segment_keep_eos": False, "segment_plain_short": False}
+# Settings added after rows were stored, by config section, with the default that reproduces the older behaviour. At
+# that default a setting cannot change a row's numbers, so it stays out of the digest and the stored rows stay valid.
+_SETTINGS_ADDED = {
+    ("model", "policy"): {"segment_keep_eos": False, "segment_plain_short": False},
+    ("algorithm", "grpo"): {"shared_initial_noise": False},
+}
 
 
-def _policy_at_default(cfg) -> set[str]:
-    return {k for k, default in _POLICY_SETTINGS_ADDED.items() if getattr(cfg.model.policy, k) == default}
+def _added_at_default(cfg) -> dict:
+    """A pydantic `exclude` for the settings of _SETTINGS_ADDED that `cfg` leaves at their old behaviour."""
+    exclude: dict = {}
+    for (outer, inner), added in _SETTINGS_ADDED.items():
+        section = getattr(getattr(cfg, outer, None), inner, None)
+        at_default = {k for k, default in added.items() if section is not None and getattr(section, k, None) == default}
+        if at_default:
+            exclude.setdefault(outer, {})[inner] = at_default
+    return exclude
 
 
 def _digest(cfg: TrainConfig | None, n_per_family: int, pre_stage: SFTConfig | None = None) -> str:
@@ -128,10 +138,11 @@ def _digest(cfg: TrainConfig | None, n_per_family: int, pre_stage: SFTConfig | N
         relative = Path(init).relative_to(checkout).as_posix()
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_checkpoint": relative})})
     # Settings that cannot change a row's numbers stay out, so adding one does not invalidate every stored row.
-    text = cfg.model_dump_json(exclude={"tracking": True, "reward": {"deployment"}, "model": {"policy": _policy_at_default(cfg)},
+    added = _added_at_default(cfg)
+    text = cfg.model_dump_json(exclude={"tracking": True, "reward": {"deployment"}, **added,
                                         "ray": {"metric_wait_s", "reward_timeout_s", "max_score_attempts", "max_reward_errors"}})
     if pre_stage is not None:
-        text += pre_stage.model_dump_json(exclude={"tracking": True, "log_every": True, "model": {"policy": _policy_at_default(pre_stage)}})
+        text += pre_stage.model_dump_json(exclude={"tracking": True, "log_every": True, **_added_at_default(pre_stage)})
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -212,15 +223,20 @@ def _save(results: dict, json_out: Path, out_dir: Path) -> None:
 
 
 def stale_rows(results: dict) -> dict[str, list[str]]:
-    """{method: model directories whose weights in this checkout differ from the ones its row was measured with}."""
+    """{method: what its row was measured with that this checkout no longer has}: "an earlier config" and/or
+    "earlier weights of <model directories>". `ralign compare` runs such rows again; until then the table says so."""
     stale = {}
     for method, row in results["rows"].items():
         if method not in METHODS:
             continue
         cfg = None if METHODS[method] is None else method_config(method, results["n_per_family"], None, [])
+        digest = (_base_digest(method, results["n_per_family"]) if cfg is None
+                  else _digest(cfg, results["n_per_family"], pre_stage_config(method, cfg, None)))
+        reasons = ["an earlier config"] if row.get("config_digest") != digest else []
         changed = changed_weights(row, weights_read(method, cfg))
-        if changed:
-            stale[method] = changed
+        reasons += [f"earlier weights of {', '.join(changed)}"] if changed else []
+        if reasons:
+            stale[method] = reasons
     return stale
 
 
@@ -303,7 +319,7 @@ def _target(t: dict | None) -> str:
 
 
 def markdown_table(results: dict, stale: dict[str, list[str]] | None = None) -> str:
-    """The table; a row in `stale` ({method: model directories}) is marked as measured with other weights of those."""
+    """The table; a row in `stale` (`stale_rows`) is marked with what it was measured with."""
     rows, stale = results["rows"], stale or {}
     fams = list(FAMILIES)
     head = ["method", *fams, "overall", "change vs before training [95%]", "samples to +0.05", "samples to +0.10",
@@ -314,7 +330,7 @@ def markdown_table(results: dict, stale: dict[str, list[str]] | None = None) -> 
         reward = (f"{r['train_reward_first']:.3f}→{r['train_reward']:.3f}" if r.get("train_reward") is not None else "–")
         targets = r.get("samples_to_target") or {}
         hacked = ", ".join(r.get("reward_hacking") or []) or ("no" if r.get("change") else "–")
-        label = LABELS.get(m, m) + (f" (measured with earlier weights of {', '.join(stale[m])})" if m in stale else "")
+        label = LABELS.get(m, m) + (f" (measured with {' and '.join(stale[m])})" if m in stale else "")
         lines.append("| " + " | ".join([label, *fam_cells, _rate(r["overall"]), _change(r.get("change") and r["change"]["overall"]),
                                          _target(targets.get("+0.05")), _target(targets.get("+0.10")),
                                          f"{r['fidelity']['kid']:.2f}", f"{r['fidelity']['artifact_rate']:.3f}", reward, hacked,

@@ -73,7 +73,7 @@ def test_compare_base_and_comat_tiny(ralign_cli_inprocess, tmp_path, monkeypatch
 
 
 def test_a_setting_added_at_its_old_behaviour_keeps_stored_rows_valid():
-    """Adding a policy setting must not make every committed row look stale: at the default that reproduces the older
+    """Adding a setting must not make every committed row look stale: at the default that reproduces the older
     behaviour it stays out of the digest; set otherwise it is part of it."""
     from jobs.compare import _digest, method_config
 
@@ -83,6 +83,10 @@ def test_a_setting_added_at_its_old_behaviour_keeps_stored_rows_valid():
     assert _digest(cfg, 100) == committed["rows"]["comat"]["config_digest"]
     kept = method_config("comat", 100, None, ["model.policy.segment_keep_eos=true"])
     assert _digest(kept, 100) != _digest(cfg, 100)
+    # an algorithm's setting likewise (GRPO's shared initial noise came after the quickstart's row)
+    cfg = method_config("grpo", 100, None, [])
+    assert _digest(cfg, 100) == committed["rows"]["grpo"]["config_digest"]
+    assert _digest(method_config("grpo", 100, None, ["algorithm.grpo.shared_initial_noise=true"]), 100) != _digest(cfg, 100)
 
 
 def test_a_changed_pre_stage_makes_the_stored_row_stale(tmp_path, monkeypatch):
@@ -105,7 +109,7 @@ def test_a_row_measured_with_other_weights_is_not_passed_off_as_current(tmp_path
     a changed one makes the row stale (run again, and marked in the table until then)."""
     import shutil
 
-    from jobs.compare import changed_weights, markdown_table, method_config, weights_read
+    from jobs.compare import changed_weights, markdown_table, method_config, stale_rows, weights_read
     from ralign.models import TOY_MODELS_DIR
     from ralign.models.weights import weights_fingerprint
     from ralign.rewards.registry import model_dirs
@@ -126,5 +130,10 @@ def test_a_row_measured_with_other_weights_is_not_passed_off_as_current(tmp_path
     (copy / "open_clip_config.json").write_text((copy / "open_clip_config.json").read_text() + "\n")
     assert weights_fingerprint(copy) != before
     committed = json.loads((Path(__file__).parents[1] / "benchmarks/results/compare.json").read_text())
-    md = markdown_table({**committed, "rows": {"draft": committed["rows"]["draft"]}}, {"draft": ["preference"]})
-    assert "| DRaFT-2 + preference (measured with earlier weights of preference) |" in md
+    draft_row = committed["rows"]["draft"]
+    assert stale_rows({**committed, "rows": {"draft": {**draft_row, "weights": weights}}}) == {}
+    stale = stale_rows({**committed, "rows": {"draft": {**draft_row, "config_digest": "0" * 12,
+                                                        "weights": {**weights, "preference": "0" * 12}}}})
+    assert stale == {"draft": ["an earlier config", "earlier weights of preference"]}
+    md = markdown_table({**committed, "rows": {"draft": draft_row}}, stale)
+    assert "| DRaFT-2 + preference (measured with an earlier config and earlier weights of preference) |" in md
