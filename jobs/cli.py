@@ -399,7 +399,7 @@ def compare_command(
     n: Annotated[int, typer.Option(min=1, help="Held-out test prompts per family (claims need at least 100).")] = 100,
     out: Annotated[Path, typer.Option(help="Directory for the Markdown table, grids and montages.")] = Path("outputs/compare"),
     json_out: Annotated[Path, typer.Option("--json", help="The results JSON (rows of an earlier run with the same config are reused).")] = Path("benchmarks/results/compare.json"),
-    rerun: Annotated[bool, typer.Option(help="Train every method again even if the JSON holds a row with the same config.")] = False,
+    rerun: Annotated[bool, typer.Option(help="Train every method again even if the JSON holds a row with the same config and weights.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a field in every method's config: a.b=value.")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: each config's).")] = None,
 ) -> None:
