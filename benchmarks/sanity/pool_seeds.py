@@ -5,6 +5,10 @@ ralign.world.stats.pool_paired_runs (the mean per-prompt difference over all run
 family).
 
     python benchmarks/sanity/pool_seeds.py runs/seed0.json runs/seed1.json runs/seed2.json [--json OUT]
+
+With `--against A0.json A1.json A2.json` (another recipe's runs with the same seeds, in the same order) it compares
+the two recipes instead: each pair is A's model after training and this recipe's after training, on the prompts and
+noise both were judged on (the seed draws them), so the difference is paired prompt by prompt.
 """
 
 from __future__ import annotations
@@ -19,11 +23,18 @@ from ralign.world.stats import pool_paired_runs
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--against", nargs="+", type=Path, help="another recipe's runs, one per run, same seeds and order")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     summaries = [json.loads(p.read_text()) for p in args.runs]
-    pooled = {"runs": [s.get("run_id") for s in summaries],
-              **pool_paired_runs([(s["oracle_before"], s["oracle_after"]) for s in summaries])}
+    if args.against is None:
+        pairs = [(s["oracle_before"], s["oracle_after"]) for s in summaries]
+    else:
+        if len(args.against) != len(summaries):
+            parser.error(f"--against names {len(args.against)} runs for {len(summaries)}; one per run, in the same order")
+        pairs = [(json.loads(a.read_text())["oracle_after"], s["oracle_after"]) for a, s in zip(args.against, summaries)]
+    pooled = {"runs": [s.get("run_id") for s in summaries], "against": [str(a) for a in args.against or []],
+              **pool_paired_runs(pairs)}
     for name, c in [*pooled["families"].items(), ("overall", pooled["overall"])]:
         print(f"{name:9s} {c['before']:.3f} -> {c['after']:.3f}  {c['diff']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]  n={c['n']}")
     if args.json:
