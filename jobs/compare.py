@@ -167,13 +167,14 @@ def _base_digest(method: str, n_per_family: int) -> str:
 def weights_read(method: str, cfg: TrainConfig | None) -> dict[str, str]:
     """{model directory: fingerprint} of the weights a row is made from: the policy's pipeline and every model its
     reward reads (the reward says which). A config digest cannot see retrained weights behind the same path."""
-    from ralign.models import TOY_MODELS_DIR, resolve_model_path
+    from ralign.models import TINY_RANDOM, TOY_MODELS_DIR, resolve_model_path
     from ralign.models.weights import weights_fingerprint
     from ralign.rewards.registry import model_dirs
 
     model = cfg.model if cfg is not None else load_config(TrainConfig, CONFIG_DIR / BASE_SETTINGS[method]).model
-    where = Path(resolve_model_path(model.pipeline))
-    dirs = [where.resolve()] if where.is_dir() else []  # a hub id is named by the config digest already
+    # A hub id (or a pipeline built in memory for tests) is named by the config digest already.
+    where = None if model.pipeline in TINY_RANDOM else Path(resolve_model_path(model.pipeline))
+    dirs = [where.resolve()] if where is not None and where.is_dir() else []
     if cfg is not None:
         spec = cfg.reward.spec()
         dirs += model_dirs(spec.pop("name"), spec)

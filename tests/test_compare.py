@@ -120,6 +120,8 @@ def test_a_row_measured_with_other_weights_is_not_passed_off_as_current(tmp_path
     assert changed_weights({"weights": weights}, weights) == []
     assert changed_weights({"weights": {**weights, "preference": "0" * 12}}, weights) == ["preference"]
     assert changed_weights({}, weights) == []  # a row from before fingerprints: unknown, not stale
+    tiny = method_config("draft", 100, None, ["model.pipeline=tiny-random"])
+    assert set(weights_read("draft", tiny)) == {"preference"}  # a pipeline built in memory has no weights on disk
     # the reward says what it reads, through composites and wrappers, with its path options
     assert model_dirs("fault_injection", {"inner": {"name": "detector"}}) == [TOY_MODELS_DIR / "detector"]
     assert model_dirs("grounded_attention", {"segmenter": {"backend": "toy_grounded"}}) == [TOY_MODELS_DIR / "detector", TOY_MODELS_DIR / "segmenter"]
