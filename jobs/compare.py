@@ -11,6 +11,7 @@ per-method, per-family image grids and one montage per family (a row of images p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -164,11 +165,19 @@ def _base_digest(method: str, n_per_family: int) -> str:
     return hashlib.sha256(name.encode()).hexdigest()[:12]
 
 
+@functools.lru_cache(maxsize=None)
+def _fingerprint(directory: Path) -> str:
+    # One hash per model directory and process: every save of the table checks every row, and most rows share the
+    # base pipeline (28 MB); a compare run does not change the committed weights it reads.
+    from ralign.models.weights import weights_fingerprint
+
+    return weights_fingerprint(directory)
+
+
 def weights_read(method: str, cfg: TrainConfig | None) -> dict[str, str]:
     """{model directory: fingerprint} of the weights a row is made from: the policy's pipeline and every model its
     reward reads (the reward says which). A config digest cannot see retrained weights behind the same path."""
     from ralign.models import TINY_RANDOM, TOY_MODELS_DIR, resolve_model_path
-    from ralign.models.weights import weights_fingerprint
     from ralign.rewards.registry import model_dirs
 
     model = cfg.model if cfg is not None else load_config(TrainConfig, CONFIG_DIR / BASE_SETTINGS[method]).model
@@ -182,7 +191,7 @@ def weights_read(method: str, cfg: TrainConfig | None) -> dict[str, str]:
     def label(d: Path) -> str:
         return d.relative_to(TOY_MODELS_DIR).as_posix() if d.is_relative_to(TOY_MODELS_DIR) else str(d)
 
-    return {label(d): weights_fingerprint(d) for d in dict.fromkeys(dirs)}
+    return {label(d): _fingerprint(d) for d in dict.fromkeys(dirs)}
 
 
 def changed_weights(stored_row: dict, weights: dict[str, str]) -> list[str]:
