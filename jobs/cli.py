@@ -101,6 +101,7 @@ def world_pretrain(
     continue_detector: Annotated[int, typer.Option(min=0, help="With detector: train the detector of OUT/detector for this many more steps.")] = 0,
     detector_deform: Annotated[float, typer.Option(min=0.0, max=1.0, help="With detector: fraction of circles and squares drawn as in-between rounded squares, labelled by the shape they overlap most.")] = 0.0,
     detector_lr: Annotated[Optional[float], typer.Option(help="Detector learning rate (default 3e-4).")] = None,
+    detector_stride: Annotated[Optional[int], typer.Option(help="With detector: backbone feature stride, 8 (an 8x8 map, the shipped one) or 4 (16x16); with --continue-detector, the earlier detector rebuilt with it, shared tensors kept.")] = None,
     flow_steps: Annotated[Optional[int], typer.Option(min=1, help="With flow: training steps of the flow transformer (default 6000, times --scale).")] = None,
     continue_flow: Annotated[bool, typer.Option(help="With flow: continue from the transformer in OUT/flow instead of a random init.")] = False,
 ) -> None:
@@ -111,6 +112,8 @@ def world_pretrain(
     def given(**options) -> dict:  # an option left at its default changes nothing
         return {k: v for k, v in options.items() if v is not None}
 
+    if detector_stride is not None and detector_stride not in (4, 8):
+        raise typer.BadParameter(f"must be 4 or 8, got {detector_stride}", param_hint="--detector-stride")
     overrides = {
         "t2i": given(unet_init=unet_init, continue_steps=continue_unet or None, unet_lr=unet_lr),
         "reward_clip": given(continue_steps=continue_reward_clip or None, lr=reward_clip_lr),
@@ -120,7 +123,8 @@ def world_pretrain(
                            lr=captioner_lr),
         "segmenter": given(continue_steps=continue_segmenter or None, shared_absent=segmenter_shared_absent or None,
                            generated_look=segmenter_look or None, lr=segmenter_lr),
-        "detector": given(continue_steps=continue_detector or None, deform_fraction=detector_deform or None, lr=detector_lr),
+        "detector": given(continue_steps=continue_detector or None, deform_fraction=detector_deform or None, lr=detector_lr,
+                          feature_stride=detector_stride),
         "flow": given(steps=flow_steps, init=str(out / "flow" / "transformer") if continue_flow else None),
     }
     results = pretrain_all(out, [p.strip() for p in only.split(",") if p.strip()], scale=scale, seed=seed,

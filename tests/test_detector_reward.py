@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ralign.models.detector import LABELS, Detection, load_detector
+from ralign.models.detector import LABELS, Detection, build_detector, feature_map_side, load_detector
 from ralign.pretrain.rewards import NEAR_MISSES, near_miss_scene
 from ralign.rewards.clip_score import TOY_DIR
 from ralign.rewards.detector import DetectorReward, check, read_prompt, score_detections
@@ -99,11 +99,17 @@ def test_detector_pretraining_writes_a_loadable_model_and_card(tmp_path):
     assert [LABELS[i] for i in target["class_labels"].tolist()] == [o.combo for o in sample.scene.objects]
     assert torch.all((target["boxes"] > 0) & (target["boxes"] < 1))
     shutil.copytree(TOY_DIR / "base" / "vae", tmp_path / "base" / "vae")
-    metrics = train_detector(tmp_path / "detector", steps=2, batch=4, eval_prompts=4)
+    # the finer backbone (stride 4) trains, saves and loads through the same code as the shipped one (stride 8)
+    metrics = train_detector(tmp_path / "detector", steps=2, batch=4, eval_prompts=4, feature_stride=4)
     assert metrics["steps"] == 2 and set(metrics["quality"]) == set(FAMILIES)
-    load_detector(tmp_path / "detector")
+    model = load_detector(tmp_path / "detector")
+    assert feature_map_side(model) == 16 and feature_map_side(load_detector(TOY_DIR / "detector")) == 8
+    assert model.model.backbone(torch.zeros(1, 3, 64, 64), torch.ones(1, 64, 64, dtype=torch.long))[0][-1][0].shape[-1] == 16
+    assert metrics["fresh_tensors"] == []
     card = (tmp_path / "detector" / "MODEL_CARD.md").read_text()
-    assert "verdict on near miss" in card and "round trip through the base VAE" in card
+    assert "verdict on near miss" in card and "round trip through the base VAE" in card and "16x16 feature map" in card
+    with pytest.raises(ValueError, match="feature stride must be one of"):
+        build_detector(feature_stride=2)
 
 
 def test_in_between_shapes_are_drawn_and_labelled_by_the_shape_they_overlap_most():
@@ -132,6 +138,19 @@ def test_in_between_shapes_are_drawn_and_labelled_by_the_shape_they_overlap_most
     assert rounding == [None] and scene.objects == (circle,)
 
 
+def test_detector_rebuilt_with_a_finer_map_keeps_every_shared_tensor():
+    from ralign.models.detector import with_feature_stride
+
+    shipped = load_detector(TOY_DIR / "detector")
+    finer, fresh = with_feature_stride(shipped, 4)
+    assert feature_map_side(finer) == 16 and fresh and all("input_projection" in k for k in fresh)
+    old = shipped.state_dict()
+    for name, tensor in finer.state_dict().items():
+        if name not in fresh:
+            assert torch.equal(tensor, old[name]), name
+    assert not any("stages.1" in k for k in finer.state_dict())  # stage 2, the stride-8 map, is gone
+
+
 def test_detector_continued_on_in_between_shapes_keeps_its_card(tmp_path):
     from ralign.pretrain.detector import train_detector
 
@@ -144,3 +163,8 @@ def test_detector_continued_on_in_between_shapes_keeps_its_card(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in after.items())
     card = (tmp_path / "detector" / "MODEL_CARD.md").read_text()
     assert "rounded squares" in card and "its card said:" in card and "In-between shapes" in card
+    # continued with another stride: rebuilt from the shared tensors, and said so on the card
+    metrics = train_detector(tmp_path / "detector", continue_steps=2, batch=4, lr=1e-5, eval_prompts=4, feature_stride=4)
+    assert metrics["feature_side"] == 16 and metrics["fresh_tensors"]
+    assert feature_map_side(load_detector(tmp_path / "detector")) == 16
+    assert "Rebuilt with a 16x16 feature map" in (tmp_path / "detector" / "MODEL_CARD.md").read_text()

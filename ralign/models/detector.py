@@ -49,10 +49,22 @@ class Detection:
         return (self.w + self.h) / 2
 
 
-def build_detector() -> ConditionalDetrForObjectDetection:
-    # Stride 8 (the stem's 4, stage 2's 2): an 8x8 feature map at 64x64, one cell per 8 px; the smallest object is 9 px.
-    backbone = ResNetConfig(num_channels=3, embedding_size=32, hidden_sizes=[32, 64, 128], depths=[1, 1, 1],
-                            layer_type="basic", out_features=["stage2"])
+FEATURE_STRIDES = (4, 8)
+
+
+def build_detector(feature_stride: int = 8) -> ConditionalDetrForObjectDetection:
+    """A fresh detector. Stride 8 (the stem's 4, stage 2's 2): an 8x8 feature map at 64x64, one cell per 8 px; the
+    smallest object is 9 px. Stride 4 reads stage 1's 16x16 map instead (the same stem and stage 1, so a stride-8
+    detector's weights carry over, see `with_feature_stride`): finer shape detail for small blurred objects, at four
+    times the encoder's tokens."""
+    if feature_stride not in FEATURE_STRIDES:
+        raise ValueError(f"detector feature stride must be one of {FEATURE_STRIDES}, got {feature_stride}")
+    if feature_stride == 8:
+        backbone = ResNetConfig(num_channels=3, embedding_size=32, hidden_sizes=[32, 64, 128], depths=[1, 1, 1],
+                                layer_type="basic", out_features=["stage2"])
+    else:
+        backbone = ResNetConfig(num_channels=3, embedding_size=32, hidden_sizes=[32], depths=[1],
+                                layer_type="basic", out_features=["stage1"])
     config = ConditionalDetrConfig(
         backbone_config=backbone, num_queries=MAX_OBJECTS, d_model=96, encoder_layers=2, decoder_layers=2,
         encoder_ffn_dim=192, decoder_ffn_dim=192, encoder_attention_heads=4, decoder_attention_heads=4,
@@ -60,6 +72,25 @@ def build_detector() -> ConditionalDetrForObjectDetection:
         id2label={i: f"{c} {s}" for i, (c, s) in enumerate(LABELS)}, label2id={f"{c} {s}": i for i, (c, s) in enumerate(LABELS)},
     )
     return ConditionalDetrForObjectDetection(config)
+
+
+def feature_map_side(model: PreTrainedModel, image_side: int = 64) -> int:
+    """The side of the detector's feature map for `image_side` images (from its backbone config)."""
+    backbone = model.config.backbone_config
+    stage = backbone.stage_names.index(backbone.out_features[0])
+    return image_side // (4 * 2 ** max(0, stage - 1))
+
+
+def with_feature_stride(model: PreTrainedModel, feature_stride: int) -> tuple[PreTrainedModel, list[str]]:
+    """`model` rebuilt with another feature stride, every tensor of the same name and shape copied over (stem, stage 1,
+    transformer, heads); returns it with the names left at their fresh initialisation (the input projection, whose
+    input channels change). transformers' `ignore_mismatched_sizes` does this only through a saved directory."""
+    fresh = build_detector(feature_stride)
+    old = model.state_dict()
+    state = fresh.state_dict()
+    kept = {k: v for k, v in old.items() if k in state and state[k].shape == v.shape}
+    fresh.load_state_dict(kept, strict=False)
+    return fresh, sorted(k for k in state if k not in kept)
 
 
 def save_detector(model: PreTrainedModel, path: str | Path) -> None:

@@ -115,13 +115,18 @@ def detector_quality(model, look: GeneratedLook, n: int = 64, seed: int = 321) -
 
 def train_detector(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 4000, batch: int = 32, lr: float = 3e-4,
                    near_miss_fraction: float = 0.5, deform_fraction: float = 0.0, continue_steps: int = 0,
-                   eval_prompts: int = 64) -> dict:
-    """DETR's set loss on renders with the generated look. `deform_fraction` of circles and squares are drawn as
+                   eval_prompts: int = 64, feature_stride: int | None = None) -> dict:
+    """DETR's set loss on renders with the generated look, on a fresh detector with `feature_stride` (default 8, see
+    `build_detector`). `deform_fraction` of circles and squares are drawn as
     in-between rounded squares (`deform_shapes`). `continue_steps > 0` trains the detector already in `out_dir` for
-    that many more steps; its card keeps the earlier training's description."""
+    that many more steps; its card keeps the earlier training's description. Continued with another `feature_stride`,
+    it starts from the tensors the two backbones share (`with_feature_stride`)."""
     out = Path(out_dir)
     earlier = _earlier_card(out) if continue_steps > 0 else None
-    model = det.load_detector(out) if continue_steps > 0 else det.build_detector()
+    model = det.load_detector(out) if continue_steps > 0 else det.build_detector(feature_stride or 8)
+    fresh_tensors = []
+    if feature_stride and det.feature_map_side(model) != 64 // feature_stride:
+        model, fresh_tensors = det.with_feature_stride(model, feature_stride)
     steps = continue_steps if continue_steps > 0 else _steps(steps, scale)
     torch.manual_seed(seed)
     rng, gen = np.random.default_rng(seed + 21), torch.Generator().manual_seed(seed + 22)
@@ -139,7 +144,8 @@ def train_detector(out_dir, seed: int = 0, scale: float = 1.0, steps: int = 4000
     det.save_detector(model, out)
     metrics = {"steps": steps, "batch": batch, "lr": lr, "near_miss_fraction": near_miss_fraction, "deform_fraction": deform_fraction,
                "wall_s": round(progress.wall_s, 1), "final_loss": round(float(np.mean(progress.losses[-100:])), 4),
-               "params": parameter_count(model), "continued": earlier is not None}
+               "params": parameter_count(model), "continued": earlier is not None, "feature_side": det.feature_map_side(model),
+               "fresh_tensors": fresh_tensors}
     return write_detector_card(out, model, metrics, look, eval_prompts, earlier)
 
 
@@ -164,22 +170,26 @@ def write_detector_card(out: Path, model, metrics: dict, look: GeneratedLook, ev
     quality = detector_quality(model, look, n=eval_prompts)
     rounded = rounded_shape_accuracy(model, look, n=eval_prompts)
     metrics = {**metrics, "threshold": det.DEFAULT_THRESHOLD, "quality": quality, "rounded_shapes": rounded}
-    deformed = ""
+    notes = ""
     if metrics.get("deform_fraction"):
-        deformed = (f" Of the circles and squares, {metrics['deform_fraction']:.0%} are drawn as rounded squares with a\n"
+        notes = (f" Of the circles and squares, {metrics['deform_fraction']:.0%} are drawn as rounded squares with a\n"
                     f"  corner radius uniform on [0, 0.5] of the side, labelled as the world shape each overlaps most (IoU):\n"
                     f"  a square below {ROUNDING_SPLIT:.3f}, a circle above (generative models draw such in-between shapes).")
+    side = metrics["feature_side"]
+    if metrics.get("fresh_tensors"):
+        notes += (f"\n- Rebuilt with a {side}x{side} feature map from the earlier detector: every tensor the two backbones share\n"
+                     f"  was kept; {len(metrics['fresh_tensors'])} started fresh ({', '.join(metrics['fresh_tensors'])}).")
     table = "\n".join(f"| {f} | {q['exact']:.3f} | {q['verdict_on_correct']:.3f} | {q['verdict_on_near_miss']:.3f} |"
                       for f, q in quality.items())
     _write_card(out, "Toy object detector (transformers `ConditionalDetrForObjectDetection`, ResNet backbone from config)", f"""
 Finds the world's objects for the `detector` reward (GenEval-style: rules over detections, ralign/rewards/detector.py).
 - Classes: the {len(det.LABELS)} colour-shape combinations; boxes give size (side) and grid cell (centre).
-  {det.MAX_OBJECTS} object queries, 8x8 feature map, {metrics['params']:,} parameters. An object is a query whose class
+  {det.MAX_OBJECTS} object queries, {side}x{side} feature map, {metrics['params']:,} parameters. An object is a query whose class
   probability exceeds {det.DEFAULT_THRESHOLD} (chosen on `val` renders, see ralign/models/detector.py).
 - Data: renders of generated prompts of every family and combination (split `all`), fresh each step; for
   {metrics['near_miss_fraction']:.0%} of them a near miss of the scene instead (one object recoloured, reshaped, removed,
   added, moved, resized or swapped), for layouts beyond the prompts'. Every image given the generated look:
-  {look.describe()}. Targets: each object's class and box, from the scene graph.{deformed}
+  {look.describe()}. Targets: each object's class and box, from the scene graph.{notes}
 - Training: the Conditional DETR set loss (Hungarian matching; focal class, L1 and GIoU terms, auxiliary decoder
   losses), {metrics['steps']} steps, batch {metrics['batch']}, AdamW lr {metrics['lr']}, cosine, gradient clip 0.1; wall time
   {metrics['wall_s']} s, final loss {metrics['final_loss']}.{_continued_note(earlier, "--continue-detector")}
