@@ -224,9 +224,13 @@ def _row(report: dict, summary: dict | None, wall_s: float, digest: str, to_targ
     }
 
 
+def _in_method_order(rows: dict) -> dict:
+    return {m: rows[m] for m in METHODS if m in rows}
+
+
 def _save(results: dict, json_out: Path, out_dir: Path) -> None:
     """The rows in METHODS order, as JSON and Markdown."""
-    results["rows"] = {m: results["rows"][m] for m in METHODS if m in results["rows"]}
+    results["rows"] = _in_method_order(results["rows"])
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(results, indent=2) + "\n")
     _write_markdown(results, json_out, out_dir)
@@ -280,37 +284,46 @@ def _fetch_grids(summary: dict, dest: Path) -> None:
         png.replace(dest / png.name)
 
 
-def write_montages(out_dir: Path, methods: list[str]) -> list[Path]:
-    """One PNG per family: the first row of each method's grid (the same prompts and noise), labelled."""
+def write_montages(out_dir: Path, methods: list[str], earlier: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """One PNG per family: the first row of each method's grid (the same prompts and noise), labelled. A method with
+    no grid in `out_dir/grids` (a row reused from an earlier table) keeps its row of the montage already in `out_dir`,
+    whose rows were `earlier[family]`. Returns {family: the methods its montage shows, in order}."""
     from PIL import Image, ImageDraw
 
     from ralign.world.scene import IMAGE_SIZE
 
     row_height = IMAGE_SIZE * 2 + 6  # ralign.world.evaluation.write_grid: scale 2, 3-pixel frame
-
-    written = []
+    label_w = 150
+    shown = {}
     for fam in FAMILIES:
+        target = out_dir / f"montage_{fam}.png"
+        kept, earlier_rows = {}, (earlier or {}).get(fam) or []
+        if earlier_rows and target.is_file():
+            old = Image.open(target).convert("RGB")
+            if old.height == row_height * len(earlier_rows):  # otherwise not the montage of those rows
+                kept = {m: old.crop((0, i * row_height, old.width, (i + 1) * row_height)) for i, m in enumerate(earlier_rows)}
         rows = []
         for m in methods:
             path = out_dir / "grids" / m / f"grid_{fam}.png"
             if path.is_file():
                 grid = Image.open(path).convert("RGB")
-                rows.append((m, grid.crop((0, 0, grid.width, min(grid.height, row_height)))))
+                grid = grid.crop((0, 0, grid.width, min(grid.height, row_height)))
+                row = Image.new("RGB", (label_w + grid.width, grid.height), (255, 255, 255))
+                row.paste(grid, (label_w, 0))
+                ImageDraw.Draw(row).text((6, grid.height // 2 - 6), LABELS.get(m, m), fill=(0, 0, 0))
+                rows.append((m, row))
+            elif m in kept:
+                rows.append((m, kept[m]))
         if not rows:
             continue
-        label_w = 150
-        width = label_w + max(r.width for _, r in rows)
-        canvas = Image.new("RGB", (width, sum(r.height for _, r in rows)), (255, 255, 255))
-        draw = ImageDraw.Draw(canvas)
+        canvas = Image.new("RGB", (max(r.width for _, r in rows), sum(r.height for _, r in rows)), (255, 255, 255))
         y = 0
-        for m, r in rows:
-            canvas.paste(r, (label_w, y))
-            draw.text((6, y + r.height // 2 - 6), LABELS.get(m, m), fill=(0, 0, 0))
+        for _, r in rows:
+            canvas.paste(r, (0, y))
             y += r.height
-        target = out_dir / f"montage_{fam}.png"
         canvas.save(target)
-        written.append(target)
-    return written
+        shown[fam] = [m for m, _ in rows]
+    return shown
 
 
 def _rate(m: dict) -> str:
@@ -374,10 +387,13 @@ def compare(methods: list[str], out_dir: Path, json_out: Path, n_per_family: int
         raise UserError(f"unknown method(s) {unknown}; expected some of {list(METHODS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {"machine": machine(), "n_per_family": n_per_family, "split": "test", "rows": {}}
+    earlier_montages = {}
     if json_out.is_file():
         previous = json.loads(json_out.read_text())
         if previous.get("n_per_family") == n_per_family:
             results["rows"] = previous.get("rows", {})
+            # tables written before montages were recorded: their montages show every row, in the table's order
+            earlier_montages = previous.get("montages") or {f: list(results["rows"]) for f in FAMILIES}
     for method in methods:
         cfg = None if METHODS[method] is None else method_config(method, n_per_family, tracking_uri, extra_overrides or [])
         pre_stage = None if cfg is None else pre_stage_config(method, cfg, tracking_uri)
@@ -406,6 +422,6 @@ def compare(methods: list[str], out_dir: Path, json_out: Path, n_per_family: int
         results["rows"][method] = _row(report, summary, time.time() - start, digest, to_target, weights)
         _save(results, json_out, out_dir)
         log.info("compare: %s done in %.0fs: overall all-correct %.3f", method, time.time() - start, report["overall"]["all_correct"])
+    results["montages"] = write_montages(out_dir, list(_in_method_order(results["rows"])), earlier_montages)
     _save(results, json_out, out_dir)  # also when every row was reused: rows merged from parallel runs get ordered
-    write_montages(out_dir, list(results["rows"]))
     return results

@@ -67,6 +67,7 @@ def test_compare_base_and_comat_tiny(ralign_cli_inprocess, tmp_path, monkeypatch
     assert result.exit_code == 0 and "reusing comat" in caplog.text, (result.output[-3000:], result.exception)
     rows = json.loads(js.read_text())["rows"]
     assert rows["comat"]["run_id"] == comat["run_id"] and list(rows) == ["base", "comat", "flow_base"]
+    assert json.loads(js.read_text())["montages"]["binding"] == list(rows)  # every row shown, reused or not
     # each row records the weights it was measured with: the pipeline and what its reward reads
     assert set(rows["base"]["weights"]) == {"base"} and set(rows["flow_base"]["weights"]) == {"flow"}
     assert {"base", "detector", "segmenter"} <= set(rows["comat"]["weights"])
@@ -139,3 +140,28 @@ def test_a_row_measured_with_other_weights_is_not_passed_off_as_current(tmp_path
     assert stale == {"draft": ["an earlier config", "earlier weights of preference"]}
     md = markdown_table({**committed, "rows": {"draft": draft_row}}, stale)
     assert "| DRaFT-2 + preference (measured with an earlier config and earlier weights of preference) |" in md
+
+
+def test_a_reused_row_keeps_its_montage_row_and_a_run_again_row_shows_its_new_grid(tmp_path):
+    from PIL import Image
+
+    from jobs.compare import write_montages
+    from ralign.world.scene import IMAGE_SIZE
+
+    row_height = IMAGE_SIZE * 2 + 6
+    grid = tmp_path / "grids" / "draft"
+    grid.mkdir(parents=True)
+    Image.new("RGB", (300, 2 * row_height), (255, 0, 0)).save(grid / "grid_single.png")
+    earlier = Image.new("RGB", (450, 2 * row_height), (0, 0, 255))  # rows: refl (blue), draft (green)
+    earlier.paste((0, 255, 0), (0, row_height, 450, 2 * row_height))
+    earlier.save(tmp_path / "montage_single.png")
+
+    shown = write_montages(tmp_path, ["refl", "draft", "comat"], {"single": ["refl", "draft"]})
+    assert shown == {"single": ["refl", "draft"]}  # comat has neither a grid nor an earlier row
+    montage = Image.open(tmp_path / "montage_single.png").convert("RGB")
+    assert montage.height == 2 * row_height
+    assert montage.getpixel((200, row_height // 2)) == (0, 0, 255)  # refl: the earlier montage's row
+    assert montage.getpixel((200, row_height + row_height // 2)) == (255, 0, 0)  # draft: its new grid, not the old row
+    # a montage whose height does not match the rows it is said to show is not cut up
+    shown = write_montages(tmp_path, ["refl", "draft"], {"single": ["refl", "draft", "comat"]})
+    assert shown == {"single": ["draft"]}
