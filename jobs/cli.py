@@ -112,8 +112,11 @@ def world_pretrain(
     def given(**options) -> dict:  # an option left at its default changes nothing
         return {k: v for k, v in options.items() if v is not None}
 
-    if detector_stride is not None and detector_stride not in (4, 8):
-        raise typer.BadParameter(f"must be 4 or 8, got {detector_stride}", param_hint="--detector-stride")
+    if detector_stride is not None:
+        from ralign.models.detector import FEATURE_STRIDES
+
+        if detector_stride not in FEATURE_STRIDES:
+            raise typer.BadParameter(f"must be one of {FEATURE_STRIDES}, got {detector_stride}", param_hint="--detector-stride")
     overrides = {
         "t2i": given(unet_init=unet_init, continue_steps=continue_unet or None, unet_lr=unet_lr),
         "reward_clip": given(continue_steps=continue_reward_clip or None, lr=reward_clip_lr),

@@ -49,6 +49,8 @@ def test_bad_arguments_are_one_line_errors(ralign_cli, tmp_path):
     outcome = ralign_cli("eval", "--pipeline", str(tmp_path / "nowhere"))
     assert outcome.code == 2 and "no such directory" in outcome.err
     assert "Traceback" not in outcome.err
+    outcome = ralign_cli("world", "pretrain", "--out", str(tmp_path), "--only", "detector", "--detector-stride", "5")
+    assert outcome.code == 2 and "must be one of (4, 8), got 5" in outcome.err and not (tmp_path / "detector").exists()
 
 
 def test_oracle_check_json_shape(ralign_cli, tmp_path):

@@ -173,12 +173,12 @@ def write_detector_card(out: Path, model, metrics: dict, look: GeneratedLook, ev
     notes = ""
     if metrics.get("deform_fraction"):
         notes = (f" Of the circles and squares, {metrics['deform_fraction']:.0%} are drawn as rounded squares with a\n"
-                    f"  corner radius uniform on [0, 0.5] of the side, labelled as the world shape each overlaps most (IoU):\n"
-                    f"  a square below {ROUNDING_SPLIT:.3f}, a circle above (generative models draw such in-between shapes).")
+                 f"  corner radius uniform on [0, 0.5] of the side, labelled as the world shape each overlaps most (IoU):\n"
+                 f"  a square below {ROUNDING_SPLIT:.3f}, a circle above (generative models draw such in-between shapes).")
     side = metrics["feature_side"]
     if metrics.get("fresh_tensors"):
         notes += (f"\n- Rebuilt with a {side}x{side} feature map from the earlier detector: every tensor the two backbones share\n"
-                     f"  was kept; {len(metrics['fresh_tensors'])} started fresh ({', '.join(metrics['fresh_tensors'])}).")
+                  f"  was kept; {len(metrics['fresh_tensors'])} started fresh ({', '.join(metrics['fresh_tensors'])}).")
     table = "\n".join(f"| {f} | {q['exact']:.3f} | {q['verdict_on_correct']:.3f} | {q['verdict_on_near_miss']:.3f} |"
                       for f, q in quality.items())
     _write_card(out, "Toy object detector (transformers `ConditionalDetrForObjectDetection`, ResNet backbone from config)", f"""
