@@ -176,6 +176,8 @@ def evaluate(
         raise UserError(f"unknown famil{'y' if len(bad) == 1 else 'ies'} {bad}; expected some of {list(FAMILIES)}")
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: expected one of {list(SPLITS)}")
+    if n * len(fams) < 2:
+        raise UserError(f"--n {n} over {len(fams)} family gives one image; the fidelity measure (KID) needs at least 2")
     if tracking_uri is not None:
         from ralign.config import refuse_credentials
 
@@ -497,6 +499,33 @@ def export_command(
         typer.echo(f"note: {note}", err=True)
     typer.echo(f"wrote {result['format']} export to {result['out']}: {', '.join(result['files'][:6])}"
                + (" ..." if len(result["files"]) > 6 else ""))
+
+
+@app.command("soup")
+def soup_command(
+    checkpoints: Annotated[list[str], typer.Argument(help="Two or more checkpoints of one base model and policy: directories, runs:/RUN_ID/checkpoint, models:/NAME@ALIAS or models:/NAME/VERSION.")],
+    out: Annotated[Path, typer.Option(help="The soup's checkpoint directory (must not exist, or be empty).")],
+    weights: Annotated[Optional[str], typer.Option(help="Comma list of one weight per checkpoint, normalised to sum 1 (default: equal).")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI for runs:/ and models:/ (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")] = None,
+) -> None:
+    """Average several runs' weight changes into one checkpoint (a model soup: e.g. seeds of one recipe), exactly:
+    the LoRA adapters are concatenated, not their factors averaged. `ralign eval --checkpoint OUT` measures it."""
+    if tracking_uri is not None:
+        from ralign.config import refuse_credentials
+
+        refuse_credentials(tracking_uri, "--tracking-uri")
+    parsed = None
+    if weights is not None:
+        try:
+            parsed = [float(x) for x in weights.split(",")]
+        except ValueError:
+            raise UserError(f"--weights {weights!r}: expected a comma list of numbers") from None
+    from ralign.ops.soup import soup_checkpoints
+
+    result = soup_checkpoints(checkpoints, out, parsed, tracking_uri)
+    ranks = ", ".join(f"{k} {v}" for k, v in result["policy"].items() if v is not None)
+    typer.echo(f"wrote the soup of {len(checkpoints)} checkpoints (weights {', '.join(f'{w:.3f}' for w in result['weights'])}) "
+               f"to {result['out']}: {result['tensors']} tensors; {ranks}")
 
 
 @app.command("promote")

@@ -91,3 +91,6 @@ def test_eval_tiny_run_writes_metrics_and_grids(ralign_cli, tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"families": {}}))
     wrong = ralign_cli("eval", "--pipeline", "base", "--against", str(tmp_path / "other.json"))
     assert wrong.code == 2 and "neither a `ralign eval --json` report" in wrong.err
+    single = ralign_cli("eval", "--pipeline", "base", "--n", "1", "--families", "single", "--json", str(tmp_path / "one.json"))
+    assert single.code == 2 and "KID) needs at least 2" in single.err and len(single.err.strip().splitlines()) == 1
+    assert not (tmp_path / "one.json").exists()

@@ -33,9 +33,10 @@ FORMATS = ("lora", "pipeline")
 PROBE_PROMPTS = ("a red circle", "two blue squares", "a green triangle to the left of a yellow circle")
 
 
-def _check_out(out: Path) -> None:
+def check_out_dir(out: Path) -> None:
+    """Refuse an --out that holds anything: exports and soups never overwrite other files."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out}: exists and is not an empty directory (an export never overwrites other files)")
+        raise UserError(f"--out {out}: exists and is not an empty directory (ralign never overwrites other files there)")
 
 
 def _lora_layers(module, convert: bool) -> dict | None:
@@ -172,7 +173,7 @@ def export_checkpoint(ref: str, out: str | Path, fmt: str = "lora", tracking_uri
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {list(FORMATS)}")
     out = Path(out)
-    _check_out(out)
+    check_out_dir(out)
     with local_checkpoint(ref, tracking_uri) as local:
         policy = policy_from_checkpoint(local, source=ref)  # every file checked first: a bad one is one line
         record = read_json(Path(local) / "learner_state.json", f"{ref}/learner_state.json")
