@@ -13,6 +13,7 @@ previous attempt are not logged again (MLflow cannot delete points; step numbers
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -54,6 +55,17 @@ def _oracle_metrics(report: dict, prefix: str) -> dict[str, float]:
     return out
 
 
+def _judge(policy, cfg: TrainConfig, logger: RunLogger, name: str, grids_path: str, prefix: str, step: int,
+           final: bool = False) -> None:
+    """Evaluate the policy on the held-out set and log the report (`NAME.json`), its grids and its metrics."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = evaluate_policy(policy, cfg, Path(tmp) / "grids")
+        (Path(tmp) / f"{name}.json").write_text(json.dumps(report, indent=2))
+        logger.artifact(Path(tmp) / f"{name}.json")
+        logger.artifacts(Path(tmp) / "grids", grids_path)
+    logger.metrics(_oracle_metrics(report, prefix), step=step, final=final)
+
+
 def _save_batch_grid(batch: Chains, path: Path) -> None:
     from ralign.world.evaluation import write_grid
 
@@ -62,8 +74,6 @@ def _save_batch_grid(batch: Chains, path: Path) -> None:
 
 def train_loop_per_worker(config: dict) -> None:
     """Entry point of every Ray Train worker."""
-    import json
-
     # Imported here, not at the top: the driver imports this module only to hand this function to Ray Train, and
     # DeepSpeed and diffusers would cost it ~10 s of CPU for nothing.
     from ralign.diffusion.policy import build_policy
@@ -121,12 +131,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     e = cfg.train.eval
     if rank == 0 and start_iteration == 0 and e.before_after and logger.last_step < 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            report = evaluate_policy(policy, cfg, Path(tmp) / "grids")
-            (Path(tmp) / "oracle_before.json").write_text(json.dumps(report, indent=2))
-            logger.artifact(Path(tmp) / "oracle_before.json")
-            logger.artifacts(Path(tmp) / "grids", "eval/iteration_0000")
-        logger.metrics(_oracle_metrics(report, "oracle"), step=0)
+        _judge(policy, cfg, logger, "oracle_before", "eval/iteration_0000", "oracle", step=0)
+        if cfg.model.init_checkpoint and e.against_pretrained:
+            from ralign.diffusion.policy import pretrained_spec
+
+            pretrained = build_policy({**pretrained_spec(cfg.policy_spec()), "device": device})
+            _judge(pretrained, cfg, logger, "oracle_pretrained", "eval/pretrained", "oracle_pretrained", step=0)
+            del pretrained
 
     for it in range(start_iteration, cfg.train.iterations):
         step = it + 1
@@ -186,9 +197,5 @@ def train_loop_per_worker(config: dict) -> None:
                                  checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     if rank == 0 and e.before_after:
-        with tempfile.TemporaryDirectory() as tmp:
-            report = evaluate_policy(policy, cfg, Path(tmp) / "grids")
-            (Path(tmp) / "oracle_after.json").write_text(json.dumps(report, indent=2))
-            logger.artifact(Path(tmp) / "oracle_after.json")
-            logger.artifacts(Path(tmp) / "grids", f"eval/iteration_{cfg.train.iterations:04d}")
-        logger.metrics(_oracle_metrics(report, "oracle"), step=cfg.train.iterations, final=True)
+        _judge(policy, cfg, logger, "oracle_after", f"eval/iteration_{cfg.train.iterations:04d}", "oracle",
+               step=cfg.train.iterations, final=True)

@@ -463,6 +463,12 @@ def train_command(
                        f"{', '.join(summary['reward_hacking'])}")
     elif o_before and o_after:
         typer.echo(f"oracle all-correct on held-out prompts: {o_before['overall']['all_correct']:.3f} -> {o_after['overall']['all_correct']:.3f}")
+    if summary.get("oracle_change_vs_pretrained"):
+        typer.echo("against the pretrained model (the run started from an earlier stage; same prompts and noise):")
+        typer.echo(describe_change(summary["oracle_change_vs_pretrained"]))
+        if summary["reward_hacking_vs_pretrained"]:
+            typer.echo(f"WARNING reward hacking against the pretrained model: the training reward rose while held-out "
+                       f"all-correct fell on {', '.join(summary['reward_hacking_vs_pretrained'])}")
     typer.echo(f"checkpoint: {summary['checkpoint']}")
 
 

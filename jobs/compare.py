@@ -141,7 +141,8 @@ def _digest(cfg: TrainConfig | None, n_per_family: int, pre_stage: SFTConfig | N
     # Settings that cannot change a row's numbers stay out, so adding one does not invalidate every stored row.
     added = _added_at_default(cfg)
     text = cfg.model_dump_json(exclude={"tracking": True, "reward": {"deployment"}, **added,
-                                        "ray": {"metric_wait_s", "reward_timeout_s", "max_score_attempts", "max_reward_errors"}})
+                                        "ray": {"metric_wait_s", "reward_timeout_s", "max_score_attempts", "max_reward_errors"},
+                                        "train": {"eval": {"against_pretrained"}}})  # an extra evaluation, not a change
     if pre_stage is not None:
         text += pre_stage.model_dump_json(exclude={"tracking": True, "log_every": True, **_added_at_default(pre_stage)})
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -206,6 +207,9 @@ def _row(report: dict, summary: dict | None, wall_s: float, digest: str, to_targ
     return {
         "change": s.get("oracle_change"),  # paired: the same prompts and noise before and after training
         "reward_hacking": s.get("reward_hacking", []),
+        # A method with an earlier stage (LongAlign): the change from the pretrained model, the one its claim is about.
+        "change_vs_pretrained": s.get("oracle_change_vs_pretrained"),
+        "reward_hacking_vs_pretrained": s.get("reward_hacking_vs_pretrained", []),
         "samples_to_target": to_target,
         "families": {f: {k: m.get(k) for k in (*FAMILY_METRICS, "all_correct_ci", "n")} for f, m in report["families"].items()},
         "overall": report["overall"],
@@ -352,9 +356,11 @@ def markdown_table(results: dict, stale: dict[str, list[str]] | None = None) -> 
         fam_cells = [_rate(r["families"][f]) if f in r["families"] else "" for f in fams]
         reward = (f"{r['train_reward_first']:.3f}→{r['train_reward']:.3f}" if r.get("train_reward") is not None else "–")
         targets = r.get("samples_to_target") or {}
-        hacked = ", ".join(r.get("reward_hacking") or []) or ("no" if r.get("change") else "–")
+        hacked = ", ".join([*(r.get("reward_hacking") or []), *(f"{f} (vs pretrained)" for f in r.get("reward_hacking_vs_pretrained") or [])])
+        hacked = hacked or ("no" if r.get("change") else "–")
         label = LABELS.get(m, m) + (f" (measured with {' and '.join(stale[m])})" if m in stale else "")
-        lines.append("| " + " | ".join([label, *fam_cells, _rate(r["overall"]), _change(r.get("change") and r["change"]["overall"]),
+        lines.append("| " + " | ".join([label, *fam_cells, _rate(r["overall"]), _change(r.get("change") and r["change"]["overall"])
+                                         + (f"; vs pretrained {_change(r['change_vs_pretrained']['overall'])}" if r.get("change_vs_pretrained") else ""),
                                          _target(targets.get("+0.05")), _target(targets.get("+0.10")),
                                          f"{r['fidelity']['kid']:.2f}", f"{r['fidelity']['artifact_rate']:.3f}", reward, hacked,
                                          f"{r['wall_s']:.0f}"]) + " |")
@@ -366,7 +372,9 @@ def markdown_table(results: dict, stale: dict[str, list[str]] | None = None) -> 
                  "the same prompts before training) where overall all-correct exceeded the model before training by that "
                  "much; (end) when first at the final evaluation. KID x 1e3 on image statistics against clean renders of "
                  "the same prompts (lower is closer); artefacts = oracle artefact rate. Reward hacking: families whose "
-                 "all-correct fell (interval below 0) while the training reward rose. Wall time includes start-up, every "
+                 "all-correct fell (interval below 0) while the training reward rose. A method that trains from an earlier "
+                 "stage (LongAlign) is also compared with the pretrained model on the same prompts and noise (\"vs "
+                 "pretrained\"). Wall time includes start-up, every "
                  "evaluation and any other load on the machine.")
     details = ["", "| method | family | change vs before [95%] | object recall | binding | count | spatial |",
                "|---|---|---|---|---|---|---|"]

@@ -180,7 +180,7 @@ def summarize(client, run_id: str, cfg: TrainConfig, checkpoint: str | None, tra
     values = [m.value for m in history]
     k = max(1, len(values) // 10)
     oracle = {}
-    for name in ("oracle_before", "oracle_after"):
+    for name in ("oracle_before", "oracle_after", "oracle_pretrained"):
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 oracle[name] = json.loads(Path(client.download_artifacts(run_id, f"{name}.json", tmp)).read_text())
@@ -198,6 +198,10 @@ def summarize(client, run_id: str, cfg: TrainConfig, checkpoint: str | None, tra
         "oracle_after": oracle["oracle_after"],
         "oracle_change": None,
         "reward_hacking": [],
+        # Runs that started from model.init_checkpoint: the pretrained model on the same prompts and noise.
+        "oracle_pretrained": oracle["oracle_pretrained"],
+        "oracle_change_vs_pretrained": None,
+        "reward_hacking_vs_pretrained": [],
         "checkpoint": checkpoint,
     }
     before, after = oracle["oracle_before"], oracle["oracle_after"]
@@ -207,27 +211,33 @@ def summarize(client, run_id: str, cfg: TrainConfig, checkpoint: str | None, tra
 
 
 def record_oracle_change(client, run_id: str, summary: dict) -> None:
-    """The paired before/after change (same prompts, same noise) with its intervals, and the reward-hacking verdict
-    (training reward up, held-out all-correct down), into the summary and the MLflow run."""
+    """The paired change (same prompts, same noise) from before training to after, with its intervals, and the
+    reward-hacking verdict (training reward up, held-out all-correct down), into the summary and the MLflow run; for a
+    run that started from an earlier stage, the same against the pretrained model (`_vs_pretrained`)."""
     from mlflow.entities import Metric
 
     from ralign.world.stats import compare_evaluations, reward_hacking
 
-    change = compare_evaluations(summary["oracle_before"], summary["oracle_after"])
-    hacked = reward_hacking(summary["reward_first"], summary["reward_last"], change)
-    summary["oracle_change"], summary["reward_hacking"] = change, hacked
-    client.log_dict(run_id, change, "oracle_change.json")
+    starts = [("", "against the model before training", summary["oracle_before"])]
+    pretrained = summary.get("oracle_pretrained")
+    if pretrained and "per_prompt" in pretrained:
+        starts.append(("_vs_pretrained", "against the pretrained model", pretrained))
     now, step = int(time.time() * 1000), summary["iterations"]
-    metrics = []
-    for scope, c in [("overall", change["overall"]), *change["families"].items()]:
-        metrics += [Metric(f"oracle_change/{scope}/all_correct", c["diff"], now, step),
-                    Metric(f"oracle_change/{scope}/ci_low", c["ci"][0], now, step),
-                    Metric(f"oracle_change/{scope}/ci_high", c["ci"][1], now, step)]
-    client.log_batch(run_id, metrics=metrics)
-    client.set_tag(run_id, "ralign.reward_hacking", ",".join(hacked) if hacked else "none")
-    if hacked:
-        log.warning("reward hacking: the training reward rose (%.4f -> %.4f) while held-out all-correct fell on %s",
-                    summary["reward_first"], summary["reward_last"], ", ".join(hacked))
+    for suffix, label, start in starts:
+        change = compare_evaluations(start, summary["oracle_after"])
+        hacked = reward_hacking(summary["reward_first"], summary["reward_last"], change)
+        summary[f"oracle_change{suffix}"], summary[f"reward_hacking{suffix}"] = change, hacked
+        client.log_dict(run_id, change, f"oracle_change{suffix}.json")
+        metrics = []
+        for scope, c in [("overall", change["overall"]), *change["families"].items()]:
+            metrics += [Metric(f"oracle_change{suffix}/{scope}/all_correct", c["diff"], now, step),
+                        Metric(f"oracle_change{suffix}/{scope}/ci_low", c["ci"][0], now, step),
+                        Metric(f"oracle_change{suffix}/{scope}/ci_high", c["ci"][1], now, step)]
+        client.log_batch(run_id, metrics=metrics)
+        client.set_tag(run_id, f"ralign.reward_hacking{suffix}", ",".join(hacked) if hacked else "none")
+        if hacked:
+            log.warning("reward hacking (%s): the training reward rose (%.4f -> %.4f) while held-out all-correct fell on %s",
+                        label, summary["reward_first"], summary["reward_last"], ", ".join(hacked))
 
 
 def train(cfg: TrainConfig | None, resume: str | None = None, tracking_uri: str | None = None, progress: bool = True,

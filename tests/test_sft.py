@@ -86,3 +86,16 @@ def test_plain_teacher_gap_pulls_a_segment_encoded_policy_toward_the_plain_teach
         opt.step()
         opt.zero_grad()
     assert gaps[0] > 0 and gaps[-1] < 0.5 * gaps[0]  # the same noisy latents each step: the gap must shrink
+
+
+def test_the_pretrained_spec_keeps_the_base_and_sampler_and_drops_every_stage():
+    from ralign.diffusion.policy import pretrained_spec
+
+    staged = {"pipeline": "base", "seed": 3, "init_checkpoint": "/runs/stage1",
+              "policy": {"unet_lora_rank": 8, "text_encoding": "segment", "segment_plain_short": True, "text_encoder": "lora",
+                         "steps": 10, "eval_steps": 40, "eta": 0.7, "guidance": 4.5}}
+    spec = pretrained_spec(staged)
+    assert spec["pipeline"] == "base" and spec["seed"] == 3 and spec["init_checkpoint"] is None
+    assert spec["policy"] == {"steps": 10, "eval_steps": 40, "eta": 0.7, "guidance": 4.5, "unet_lora_rank": 0,
+                              "text_encoder": "frozen", "text_encoding": "plain"}
+    assert build_policy({**spec, "pipeline": "tiny-random"}).trainable_state() == {}  # nothing trained

@@ -165,3 +165,39 @@ def test_two_grpo_learner_workers_share_each_update_of_a_flow_model(ralign_cli_i
     assert run.data.metrics["advantage_abs_mean"] > 0 and run.data.metrics["kl"] > 0
     samples_per_s = client.get_metric_history(summary["run_id"], "learner_samples_per_s")
     assert len(samples_per_s) == 2 and all(m.value > 0 for m in samples_per_s)
+
+
+def test_a_run_from_an_earlier_stage_is_also_judged_against_the_pretrained_model(ralign_cli_inprocess, tmp_path):
+    """A staged method's "before" is its earlier stage; the pretrained model is judged too, on the same prompts and
+    noise, so the claim and the reward-hacking check cover every stage."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ralign.diffusion.policy import build_policy
+
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    torch.manual_seed(0)
+    policy = build_policy({"pipeline": "tiny-random", "seed": 0, "policy": {"unet_lora_rank": 2, "steps": 3, "guidance": 3.0}})
+    moved = {k: (v + 0.5 * torch.randn_like(v)).contiguous() for k, v in policy.trainable_state().items()}
+    save_file(moved, str(stage1 / "trainable.safetensors"))
+    summary = _train(ralign_cli_inprocess, tmp_path, "--set", f"model.init_checkpoint={stage1}", "--set", "train.iterations=2",
+                     "--set", "ray.max_staleness=0")
+    pretrained, before = summary["oracle_pretrained"], summary["oracle_before"]
+    assert pretrained is not None and pretrained["per_prompt"].keys() == before["per_prompt"].keys()
+    assert [e["prompts"] for e in pretrained["per_prompt"].values()] == [e["prompts"] for e in before["per_prompt"].values()]
+    # The stage's weights change the images: the pretrained model's differ from the stage's on the same noise.
+    assert pretrained["fidelity"]["kid"] != before["fidelity"]["kid"]
+    change = summary["oracle_change_vs_pretrained"]
+    assert change["overall"]["n"] == summary["oracle_change"]["overall"]["n"] == 4
+    assert isinstance(summary["reward_hacking_vs_pretrained"], list)
+    client = MlflowClient(summary["tracking_uri"])
+    run = client.get_run(summary["run_id"])
+    assert "ralign.reward_hacking_vs_pretrained" in run.data.tags
+    assert "oracle_change_vs_pretrained/overall/all_correct" in run.data.metrics
+    assert any(a.path == "eval/pretrained" for a in client.list_artifacts(summary["run_id"], "eval"))
+
+    from ralign.ops.report import build_report
+
+    page = build_report(summary["run_id"], tracking_uri=summary["tracking_uri"], out_dir=tmp_path / "report").read_text(encoding="utf-8")
+    assert "Against the pretrained model" in page

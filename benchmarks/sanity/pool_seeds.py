@@ -9,6 +9,9 @@ family).
 With `--against A0.json A1.json A2.json` (another recipe's runs with the same seeds, in the same order) it compares
 the two recipes instead: each pair is A's model after training and this recipe's after training, on the prompts and
 noise both were judged on (the seed draws them), so the difference is paired prompt by prompt.
+
+A run may also be a `ralign eval --against SUMMARY --json` report (e.g. a `ralign soup` of the runs, judged on each
+run's prompts and noise): it stands for SUMMARY's before-training evaluation and this report as the after.
 """
 
 from __future__ import annotations
@@ -20,13 +23,24 @@ from pathlib import Path
 from ralign.world.stats import pool_paired_runs
 
 
+def _as_summary(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    if "oracle_after" in data:
+        return data
+    if "change_against" not in data:
+        raise SystemExit(f"{path}: neither a `ralign train --json` summary nor a `ralign eval --against ... --json` report")
+    earlier = json.loads(Path(data["change_against"]["file"]).read_text())
+    return {"run_id": f"{path.name} (against {earlier.get('run_id', data['change_against']['file'])})",
+            "oracle_before": earlier.get("oracle_before", earlier), "oracle_after": data}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--against", nargs="+", type=Path, help="another recipe's runs, one per run, same seeds and order")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    summaries = [json.loads(p.read_text()) for p in args.runs]
+    summaries = [_as_summary(p) for p in args.runs]
     if args.against is None:
         pairs = [(s["oracle_before"], s["oracle_after"]) for s in summaries]
     else:

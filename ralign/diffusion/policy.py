@@ -357,6 +357,16 @@ def build_policy(spec: dict):
     return policy.to(spec.get("device", "cpu"))
 
 
+def pretrained_spec(spec: dict) -> dict:
+    """The spec of the pretrained model a staged spec (one with `init_checkpoint`) was built on: the same base model
+    and sampler (steps, evaluation steps, eta, guidance), nothing trained, and prompts read as the pipeline reads them
+    (plain encoding), i.e. what a user of the base model gets."""
+    kept = ("steps", "eval_steps", "eta", "guidance")
+    policy = {k: v for k, v in spec.get("policy", {}).items() if k in kept}
+    return {**spec, "policy": {**policy, "unet_lora_rank": 0, "text_encoder": "frozen", "text_encoding": "plain"},
+            "init_checkpoint": None}
+
+
 def policy_from_checkpoint(directory: str | Path, device: str = "cpu", source: str | None = None, **policy_overrides):
     """The policy a learner checkpoint holds: its base model and policy settings (learner_state.json) plus its
     trainable weights (trainable.safetensors). `policy_overrides` change inference-only settings (e.g.

@@ -537,7 +537,7 @@ def build_report(run_id: str, tracking_uri: str | None = None, out_dir: str | Pa
     h = _histories(client, run_id, run.data.metrics.keys())
     top = {a.path for a in _artifact_paths(client, run_id)}
     oracle = {name: (_read_json(client, run_id, f"{name}.json") if f"{name}.json" in top else None)
-              for name in ("oracle_before", "oracle_after")}
+              for name in ("oracle_before", "oracle_after", "oracle_pretrained")}
     ledger = _read_json(client, run_id, "pipeline_ledger.json") if "pipeline_ledger.json" in top else None
 
     algorithm = run.data.tags.get("ralign.algorithm") or run.data.params.get("algorithm.name") or "?"
@@ -581,6 +581,10 @@ def build_report(run_id: str, tracking_uri: str | None = None, out_dir: str | Pa
 
     body.append("<h2>Oracle before / after training</h2>" + _change_table(oracle["oracle_before"], oracle["oracle_after"], h)
                 + _oracle_table(oracle["oracle_before"], oracle["oracle_after"]))
+    if oracle["oracle_pretrained"]:  # the run started from an earlier stage (model.init_checkpoint)
+        body.append("<h2>Against the pretrained model</h2><p>The run started from an earlier stage; here its model after "
+                    "training is compared with the pretrained model it was built on, on the same prompts and noise.</p>"
+                    + _change_table(oracle["oracle_pretrained"], oracle["oracle_after"], h))
     body.append(_plot_section("Reward and components", produced["rewards"], "No reward metrics logged."))
     optim = _plot_section("KL and loss", produced["kl_loss"], "No KL or loss metrics logged.")
     body.append(optim + "".join(_missing(m) for m in missing))

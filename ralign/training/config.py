@@ -132,6 +132,10 @@ class EvalSection(StrictModel):
     families: list[Literal["single", "binding", "counting", "spatial", "size", "long"]] = ["single", "binding", "counting", "spatial", "size", "long"]
     split: Literal["train", "val", "test"] = "test"
     before_after: bool = True
+    # A run that starts from model.init_checkpoint (an earlier stage, e.g. LongAlign's stage 1) is also judged against
+    # the pretrained model that stage was built on, on the same prompts and noise: its "before" is the earlier stage,
+    # and a method's claim and its reward-hacking check must cover every stage.
+    against_pretrained: bool = True
 
 
 class TrainSection(StrictModel):
