@@ -356,11 +356,12 @@ def markdown_table(results: dict, stale: dict[str, list[str]] | None = None) -> 
         fam_cells = [_rate(r["families"][f]) if f in r["families"] else "" for f in fams]
         reward = (f"{r['train_reward_first']:.3f}→{r['train_reward']:.3f}" if r.get("train_reward") is not None else "–")
         targets = r.get("samples_to_target") or {}
-        hacked = ", ".join([*(r.get("reward_hacking") or []), *(f"{f} (vs pretrained)" for f in r.get("reward_hacking_vs_pretrained") or [])])
-        hacked = hacked or ("no" if r.get("change") else "–")
+        pretrained = r.get("change_vs_pretrained")
+        change = _change(r.get("change") and r["change"]["overall"]) + (f"; vs pretrained {_change(pretrained['overall'])}" if pretrained else "")
+        hacked = [*(r.get("reward_hacking") or []), *(f"{f} (vs pretrained)" for f in r.get("reward_hacking_vs_pretrained") or [])]
+        hacked = ", ".join(hacked) or ("no" if r.get("change") else "–")
         label = LABELS.get(m, m) + (f" (measured with {' and '.join(stale[m])})" if m in stale else "")
-        lines.append("| " + " | ".join([label, *fam_cells, _rate(r["overall"]), _change(r.get("change") and r["change"]["overall"])
-                                         + (f"; vs pretrained {_change(r['change_vs_pretrained']['overall'])}" if r.get("change_vs_pretrained") else ""),
+        lines.append("| " + " | ".join([label, *fam_cells, _rate(r["overall"]), change,
                                          _target(targets.get("+0.05")), _target(targets.get("+0.10")),
                                          f"{r['fidelity']['kid']:.2f}", f"{r['fidelity']['artifact_rate']:.3f}", reward, hacked,
                                          f"{r['wall_s']:.0f}"]) + " |")

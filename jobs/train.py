@@ -179,8 +179,8 @@ def summarize(client, run_id: str, cfg: TrainConfig, checkpoint: str | None, tra
     history = sorted(client.get_metric_history(run_id, "reward_mean"), key=lambda m: m.step)
     values = [m.value for m in history]
     k = max(1, len(values) // 10)
-    oracle = {}
-    for name in ("oracle_before", "oracle_after", "oracle_pretrained"):
+    oracle = {"oracle_pretrained": None}
+    for name in ("oracle_before", "oracle_after") + (("oracle_pretrained",) if cfg.model.init_checkpoint else ()):
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 oracle[name] = json.loads(Path(client.download_artifacts(run_id, f"{name}.json", tmp)).read_text())

@@ -367,11 +367,9 @@ def pretrained_spec(spec: dict) -> dict:
             "init_checkpoint": None}
 
 
-def policy_from_checkpoint(directory: str | Path, device: str = "cpu", source: str | None = None, **policy_overrides):
-    """The policy a learner checkpoint holds: its base model and policy settings (learner_state.json) plus its
-    trainable weights (trainable.safetensors). `policy_overrides` change inference-only settings (e.g.
-    text_encoder_weight, guidance, steps). `source` is how errors name the checkpoint (default: the directory; an
-    MLflow URI when `directory` is its temporary download)."""
+def read_checkpoint(directory: str | Path, source: str | None = None) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """A learner checkpoint's files, checked: its learner state, the policy spec in it and its trainable weights.
+    `source` is how errors name the checkpoint (default: the directory)."""
     from ralign.models.weights import CheckpointError, read_json, read_safetensors
 
     directory = Path(directory)
@@ -389,9 +387,18 @@ def policy_from_checkpoint(directory: str | Path, device: str = "cpu", source: s
     unknown = set(spec.get("policy", {})) - set(PolicyConfig.model_fields)
     if unknown:
         raise CheckpointError(f"{label}/{state_file.name}: policy_spec.policy has unknown setting(s) {sorted(unknown)}")
+    return record, spec, read_safetensors(weights_file, f"{label}/{weights_file.name}")
+
+
+def policy_from_checkpoint(directory: str | Path, device: str = "cpu", source: str | None = None, **policy_overrides):
+    """The policy a learner checkpoint holds: its base model and policy settings (learner_state.json) plus its
+    trainable weights (trainable.safetensors). `policy_overrides` change inference-only settings (e.g.
+    text_encoder_weight, guidance, steps). `source` is how errors name the checkpoint (default: the directory; an
+    MLflow URI when `directory` is its temporary download)."""
+    label = source or str(directory)
+    record, spec, weights = read_checkpoint(directory, source)  # before the model: a bad file fails fast
     # The checkpoint's trainable weights supersede the stage it started from: that stage need not be loaded, nor exist.
     spec = {**spec, "policy": {**spec.get("policy", {}), **policy_overrides}, "device": device, "init_checkpoint": None}
-    weights = read_safetensors(weights_file, f"{label}/{weights_file.name}")  # before the model: a bad file fails fast
     policy = build_policy(spec)
-    policy.load_trainable_state(weights, int(record.get("version", 0)), source=f"{label}/{weights_file.name}", complete=True)
+    policy.load_trainable_state(weights, int(record.get("version", 0)), source=f"{label}/trainable.safetensors", complete=True)
     return policy

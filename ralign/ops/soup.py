@@ -43,18 +43,12 @@ def _lora_scale(key: str, policy: dict) -> float:
 
 
 def _read(ref: str, tracking_uri: str | None) -> dict:
-    from ralign.models.weights import read_json, read_safetensors
+    from ralign.diffusion.policy import read_checkpoint
     from ralign.ops.checkpoint_refs import local_checkpoint
 
-    with local_checkpoint(ref, tracking_uri) as local:
-        state_file, weights_file = Path(local) / "learner_state.json", Path(local) / "trainable.safetensors"
-        for f in (state_file, weights_file):
-            if not f.is_file():
-                raise UserError(f"{ref} is not a ralign checkpoint: {f.name} is missing")
-        record = read_json(state_file, f"{ref}/{state_file.name}")
-        if not isinstance(record.get("policy_spec"), dict):
-            raise UserError(f"{ref}/{state_file.name} has no policy_spec; cannot tell which model it belongs to")
-        return {"ref": str(ref), "record": record, "tensors": read_safetensors(weights_file, f"{ref}/{weights_file.name}")}
+    with local_checkpoint(ref, tracking_uri) as local:  # an MLflow URI is downloaded to a temporary dir
+        record, _, tensors = read_checkpoint(local, source=str(ref))
+    return {"ref": str(ref), "record": record, "tensors": tensors}
 
 
 def _check_compatible(runs: list[dict]) -> None:
