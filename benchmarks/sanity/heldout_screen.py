@@ -7,7 +7,7 @@ judges them, paired with the base model's images. A screen for choosing settings
     python benchmarks/sanity/heldout_screen.py NAME '{"algorithm": {...}, "train": {...}, "x": {...}}'
 
 The JSON is merged into the default config (NFT with the detector reward, as jobs/configs/nft.yaml); "x" holds the
-screen's own knobs: iters, every, neval, train_families, ema (decay of an adapter average also evaluated).
+screen's own knobs: iters, every, neval, train_families, eval_families, ema (decay of an adapter average also evaluated).
 Rollout algorithms (grpo, nft, rsft, dpok) learn from sampled chains scored by the reward; gradient algorithms
 (draft, alignprop, interval, refl) from the reward's gradient in the learner. Results: benchmarks/results/draft_detector.md.
 """
@@ -55,6 +55,7 @@ knobs = overrides.pop("x", {})
 cfg = parse_config(TrainConfig, merge(copy.deepcopy(DEFAULT), overrides))
 iters, every, neval = knobs.get("iters", 60), knobs.get("every", 10), knobs.get("neval", 50)
 train_families = tuple(knobs.get("train_families", SHORT))
+eval_families = tuple(knobs.get("eval_families", SHORT))
 
 seed_lora_init()
 reward = build_reward(cfg.reward.spec())
@@ -69,7 +70,7 @@ average = [p.detach().clone() for p in params] if knobs.get("ema") else None
 
 def evaluate() -> dict:
     return evaluate_generator(lambda prompts: policy.generate_images(prompts, seed=0, batch_size=64),
-                              split="test", n=neval, seed=0, families=SHORT)
+                              split="test", n=neval, seed=0, families=eval_families)
 
 
 def summary(after: dict, before: dict) -> dict:
