@@ -11,7 +11,8 @@ the two recipes instead: each pair is A's model after training and this recipe's
 noise both were judged on (the seed draws them), so the difference is paired prompt by prompt.
 
 A run may also be a `ralign eval --against SUMMARY --json` report (e.g. a `ralign soup` of the runs, judged on each
-run's prompts and noise): it stands for SUMMARY's before-training evaluation and this report as the after.
+run's prompts and noise): it stands for SUMMARY's before-training evaluation and this report as the after. Such
+reports may stand on both sides of `--against` (one soup against another on the same draws).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main() -> None:
     else:
         if len(args.against) != len(summaries):
             parser.error(f"--against names {len(args.against)} runs for {len(summaries)}; one per run, in the same order")
-        pairs = [(json.loads(a.read_text())["oracle_after"], s["oracle_after"]) for a, s in zip(args.against, summaries)]
+        pairs = [(_as_summary(a)["oracle_after"], s["oracle_after"]) for a, s in zip(args.against, summaries)]
     pooled = {"runs": [s.get("run_id") for s in summaries], "against": [str(a) for a in args.against or []],
               **pool_paired_runs(pairs)}
     for name, c in [*pooled["families"].items(), ("overall", pooled["overall"])]:
