@@ -512,10 +512,12 @@ def soup_command(
     checkpoints: Annotated[list[str], typer.Argument(help="Two or more checkpoints of one base model and policy: directories, runs:/RUN_ID/checkpoint, models:/NAME@ALIAS or models:/NAME/VERSION.")],
     out: Annotated[Path, typer.Option(help="The soup's checkpoint directory (must not exist, or be empty).")],
     weights: Annotated[Optional[str], typer.Option(help="Comma list of one weight per checkpoint, normalised to sum 1 (default: equal).")] = None,
-    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI for runs:/ and models:/ (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI for runs:/ and models:/, and where the runs' reward-hacking verdicts are looked up (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")] = None,
+    allow_flagged: Annotated[bool, typer.Option(help="Soup runs that `ralign train` flagged for reward hacking too (refused by default).")] = False,
 ) -> None:
     """Average several runs' weight changes into one checkpoint (a model soup: e.g. seeds of one recipe), exactly:
-    the LoRA adapters are concatenated, not their factors averaged. `ralign eval --checkpoint OUT` measures it."""
+    the LoRA adapters are concatenated, not their factors averaged. `ralign eval --checkpoint OUT` measures it.
+    Runs flagged for reward hacking are refused unless --allow-flagged."""
     if tracking_uri is not None:
         from ralign.config import refuse_credentials
 
@@ -528,7 +530,12 @@ def soup_command(
             raise UserError(f"--weights {weights!r}: expected a comma list of numbers") from None
     from ralign.ops.soup import soup_checkpoints
 
-    result = soup_checkpoints(checkpoints, out, parsed, tracking_uri)
+    result = soup_checkpoints(checkpoints, out, parsed, tracking_uri, allow_flagged)
+    for ref, families in result["flagged"].items():
+        typer.echo(f"warning: {ref} was flagged for reward hacking on {', '.join(families)} (souped: --allow-flagged)", err=True)
+    if result["unchecked"]:
+        typer.echo(f"note: no reward-hacking verdict found for {', '.join(result['unchecked'])} (its run is not in the "
+                   "tracking store, or not finished); check its summary before trusting the soup", err=True)
     ranks = ", ".join(f"{k} {v}" for k, v in result["policy"].items() if v is not None)
     typer.echo(f"wrote the soup of {len(checkpoints)} checkpoints (weights {', '.join(f'{w:.3f}' for w in result['weights'])}) "
                f"to {result['out']}: {result['tensors']} tensors; {ranks}")

@@ -131,3 +131,55 @@ def test_what_cannot_be_souped_is_refused_and_nothing_is_written(tmp_path, case)
     else:
         assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".soup")]  # no staging left behind
+
+
+@pytest.fixture
+def tagged_store(tmp_path):
+    """A real MLflow store holding three finished runs with `ralign train`'s reward-hacking verdicts."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("soup-flags")
+    ids = {}
+    for name, tags in {"clean": {"ralign.reward_hacking": "none"},
+                       "hacked": {"ralign.reward_hacking": "counting,size"},
+                       "hacked_vs_pretrained": {"ralign.reward_hacking": "none", "ralign.reward_hacking_vs_pretrained": "binding"}}.items():
+        run = client.create_run(experiment, tags=tags)
+        client.set_terminated(run.info.run_id)
+        ids[name] = run.info.run_id
+    return uri, ids
+
+
+def _checkpoint_of_run(directory, run_id: str, seed: int):
+    path = _checkpoint(directory, {"unet_lora_rank": 2, "steps": 3}, seed=seed)
+    record = json.loads((path / "learner_state.json").read_text())
+    (path / "learner_state.json").write_text(json.dumps({**record, "run_id": run_id}))
+    return path
+
+
+@pytest.mark.parametrize("flagged_run, families", [("hacked", "counting, size"), ("hacked_vs_pretrained", "binding")])
+def test_a_run_flagged_for_reward_hacking_is_refused_unless_allowed(tmp_path, tagged_store, flagged_run, families):
+    uri, ids = tagged_store
+    clean = _checkpoint_of_run(tmp_path / "clean", ids["clean"], seed=1)
+    flagged = _checkpoint_of_run(tmp_path / "flagged", ids[flagged_run], seed=2)
+    with pytest.raises(UserError, match=re.escape(f"{flagged} (run {ids[flagged_run]}: {families})")) as err:
+        soup_checkpoints([str(clean), str(flagged)], tmp_path / "soup", tracking_uri=uri)
+    assert "\n" not in str(err.value) and "--allow-flagged" in str(err.value)
+    assert not (tmp_path / "soup").exists()
+
+    result = soup_checkpoints([str(clean), str(flagged)], tmp_path / "soup", tracking_uri=uri, allow_flagged=True)
+    assert result["flagged"] == {str(flagged): families.split(", ")} and result["unchecked"] == []
+    record = json.loads((tmp_path / "soup" / "learner_state.json").read_text())
+    assert [s["reward_hacking"] for s in record["souped_from"]] == [[], families.split(", ")]
+
+
+def test_runs_the_store_does_not_hold_are_souped_and_reported_unchecked(tmp_path, tagged_store, ralign_cli_inprocess):
+    uri, ids = tagged_store
+    clean = _checkpoint_of_run(tmp_path / "clean", ids["clean"], seed=1)
+    elsewhere = _checkpoint_of_run(tmp_path / "elsewhere", "0123456789abcdef0123456789abcdef", seed=2)
+    result = ralign_cli_inprocess("soup", str(clean), str(elsewhere), "--out", str(tmp_path / "soup"), "--tracking-uri", uri)
+    assert result.exit_code == 0, result.output
+    assert f"no reward-hacking verdict found for {elsewhere}" in result.output
+    record = json.loads((tmp_path / "soup" / "learner_state.json").read_text())
+    assert [s["reward_hacking"] for s in record["souped_from"]] == [[], "unchecked"]

@@ -11,6 +11,11 @@ peft has `add_weighted_adapter(combination_type="cat")` for this on a live model
 instead, so that souping needs neither the base model in memory nor a policy per run. Tensors trained in full (a
 TextCraftor text encoder) are averaged directly, which is the same average of changes.
 
+A soup averages whatever its runs learnt, reward hacking included (measured: one of the main job's five seeds lost
+counting −0.13 while its reward rose, and the soup of all five lost counting against the soup of the other three,
+benchmarks/results/soups.md). So each source's run is looked up in the tracking store and a run `ralign train` tagged
+for reward hacking is refused unless asked for (`allow_flagged`); runs the store does not hold are reported unchecked.
+
 The soup is written to a temporary directory beside `--out` and moved into place at the end, in the checkpoint layout
 `ralign eval`, `generate` and `export` read. It records its sources and weights (`souped_from`); it is not a training
 state to resume.
@@ -72,6 +77,33 @@ def _check_compatible(runs: list[dict]) -> None:
                 raise UserError(f"{run['ref']}: {k} has shape {tuple(v.shape)}, {first['ref']} {tuple(first['tensors'][k].shape)}")
 
 
+HACKING_TAGS = ("ralign.reward_hacking", "ralign.reward_hacking_vs_pretrained")  # set by `ralign train` at its end
+
+
+def reward_hacking_flags(runs: list[dict], tracking_uri: str | None) -> dict[str, list[str] | None]:
+    """For each source, the families its run was flagged for (against its start or the pretrained model; [] = checked
+    and clean), or None when the tracking store does not hold its run (or there is no store to ask)."""
+    from ralign.ops.tracking import TrackingError, resolve_tracking_uri, tracking_client
+
+    flags: dict[str, list[str] | None] = {run["ref"]: None for run in runs}
+    try:
+        client = tracking_client(resolve_tracking_uri(tracking_uri))
+    except TrackingError:
+        return flags
+    for run in runs:
+        run_id = run["record"].get("run_id")
+        if not run_id:
+            continue
+        try:
+            tags = client.get_run(run_id).data.tags
+        except Exception:  # not in this store (MlflowException), or the store cannot be read: unchecked, not fatal
+            continue
+        if not any(t in tags for t in HACKING_TAGS):
+            continue  # a run still going or interrupted: no verdict yet
+        flags[run["ref"]] = sorted({f for t in HACKING_TAGS for f in tags.get(t, "none").split(",") if f and f != "none"})
+    return flags
+
+
 def _normalised(weights: Sequence[float] | None, k: int) -> list[float]:
     if weights is None:
         return [1.0 / k] * k
@@ -97,8 +129,9 @@ def merge_trainable_states(states: Sequence[dict[str, torch.Tensor]], policies: 
 
 
 def soup_checkpoints(refs: Sequence[str], out: str | Path, weights: Sequence[float] | None = None,
-                     tracking_uri: str | None = None) -> dict:
-    """Write the soup of `refs` (checkpoint directories, runs:/ or models:/ URIs) to `out`; returns what was written."""
+                     tracking_uri: str | None = None, allow_flagged: bool = False) -> dict:
+    """Write the soup of `refs` (checkpoint directories, runs:/ or models:/ URIs) to `out`; returns what was written.
+    A source whose run was flagged for reward hacking is refused unless `allow_flagged`."""
     from safetensors.torch import save_file
 
     from ralign.ops.export import check_out_dir
@@ -110,6 +143,13 @@ def soup_checkpoints(refs: Sequence[str], out: str | Path, weights: Sequence[flo
     w = _normalised(weights, len(refs))
     runs = [_read(ref, tracking_uri) for ref in refs]
     _check_compatible(runs)
+    flags = reward_hacking_flags(runs, tracking_uri)
+    flagged = {ref: fams for ref, fams in flags.items() if fams}
+    if flagged and not allow_flagged:
+        run_ids = {run["ref"]: run["record"].get("run_id") for run in runs}
+        named = "; ".join(f"{ref} (run {run_ids[ref]}: {', '.join(fams)})" for ref, fams in flagged.items())
+        raise UserError(f"flagged for reward hacking (training reward rose while held-out all-correct fell): {named}; "
+                        "a soup would average that in: leave it out, or pass --allow-flagged")
     policies = [run["record"]["policy_spec"].get("policy", {}) for run in runs]
     merged = merge_trainable_states([run["tensors"] for run in runs], policies, w)
 
@@ -123,7 +163,8 @@ def soup_checkpoints(refs: Sequence[str], out: str | Path, weights: Sequence[flo
     spec["init_checkpoint"] = None  # the runs' tensors already include the stage they started from
     record = {"iteration": 0, "version": 0, "policy_spec": spec,
               "souped_from": [{"checkpoint": run["ref"], "weight": round(wi, 6), "run_id": run["record"].get("run_id"),
-                               "iteration": run["record"].get("iteration"), "trained_with": run["record"].get("trained_with")}
+                               "iteration": run["record"].get("iteration"), "trained_with": run["record"].get("trained_with"),
+                               "reward_hacking": flags[run["ref"]] if flags[run["ref"]] is not None else "unchecked"}
                               for run, wi in zip(runs, w)]}
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -136,4 +177,5 @@ def soup_checkpoints(refs: Sequence[str], out: str | Path, weights: Sequence[flo
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return {"out": str(out), "weights": w, "policy": {k: policy.get(k) for k in RANK_SETTINGS}, "tensors": len(merged)}
+    return {"out": str(out), "weights": w, "policy": {k: policy.get(k) for k in RANK_SETTINGS}, "tensors": len(merged),
+            "flagged": flagged, "unchecked": [ref for ref, fams in flags.items() if fams is None]}
