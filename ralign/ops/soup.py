@@ -12,7 +12,7 @@ instead, so that souping needs neither the base model in memory nor a policy per
 TextCraftor text encoder) are averaged directly, which is the same average of changes.
 
 A soup averages whatever its runs learnt, reward hacking included (measured: one of the main job's five seeds lost
-counting −0.13 while its reward rose, and the soup of all five lost counting against the soup of the other three,
+counting −0.13 while its reward rose, and the soup of all five lost counting against the soup of the first three,
 benchmarks/results/soups.md). So each source's run is looked up in the tracking store and a run `ralign train` tagged
 for reward hacking is refused unless asked for (`allow_flagged`); runs the store does not hold are reported unchecked.
 
