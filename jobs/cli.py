@@ -534,8 +534,8 @@ def soup_command(
     for ref, families in result["flagged"].items():
         typer.echo(f"warning: {ref} was flagged for reward hacking on {', '.join(families)} (souped: --allow-flagged)", err=True)
     if result["unchecked"]:
-        typer.echo(f"note: no reward-hacking verdict found for {', '.join(result['unchecked'])} (its run is not in the "
-                   "tracking store, or not finished); check its summary before trusting the soup", err=True)
+        typer.echo(f"note: no reward-hacking verdict found for {', '.join(result['unchecked'])} (not in the "
+                   "tracking store, or not finished); check their runs' summaries before trusting the soup", err=True)
     ranks = ", ".join(f"{k} {v}" for k, v in result["policy"].items() if v is not None)
     typer.echo(f"wrote the soup of {len(checkpoints)} checkpoints (weights {', '.join(f'{w:.3f}' for w in result['weights'])}) "
                f"to {result['out']}: {result['tensors']} tensors; {ranks}")
