@@ -216,12 +216,13 @@ def record_oracle_change(client, run_id: str, summary: dict) -> None:
     run that started from an earlier stage, the same against the pretrained model (`_vs_pretrained`)."""
     from mlflow.entities import Metric
 
+    from ralign.ops.tracking import REWARD_HACKING_TAG, VS_PRETRAINED
     from ralign.world.stats import compare_evaluations, reward_hacking
 
     starts = [("", "against the model before training", summary["oracle_before"])]
     pretrained = summary.get("oracle_pretrained")
     if pretrained and "per_prompt" in pretrained:
-        starts.append(("_vs_pretrained", "against the pretrained model", pretrained))
+        starts.append((VS_PRETRAINED, "against the pretrained model", pretrained))
     now, step = int(time.time() * 1000), summary["iterations"]
     for suffix, label, start in starts:
         change = compare_evaluations(start, summary["oracle_after"])
@@ -234,7 +235,7 @@ def record_oracle_change(client, run_id: str, summary: dict) -> None:
                         Metric(f"oracle_change{suffix}/{scope}/ci_low", c["ci"][0], now, step),
                         Metric(f"oracle_change{suffix}/{scope}/ci_high", c["ci"][1], now, step)]
         client.log_batch(run_id, metrics=metrics)
-        client.set_tag(run_id, f"ralign.reward_hacking{suffix}", ",".join(hacked) if hacked else "none")
+        client.set_tag(run_id, f"{REWARD_HACKING_TAG}{suffix}", ",".join(hacked) if hacked else "none")
         if hacked:
             log.warning("reward hacking (%s): the training reward rose (%.4f -> %.4f) while held-out all-correct fell on %s",
                         label, summary["reward_first"], summary["reward_last"], ", ".join(hacked))

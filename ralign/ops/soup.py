@@ -77,14 +77,12 @@ def _check_compatible(runs: list[dict]) -> None:
                 raise UserError(f"{run['ref']}: {k} has shape {tuple(v.shape)}, {first['ref']} {tuple(first['tensors'][k].shape)}")
 
 
-HACKING_TAGS = ("ralign.reward_hacking", "ralign.reward_hacking_vs_pretrained")  # set by `ralign train` at its end
-
-
 def reward_hacking_flags(runs: list[dict], tracking_uri: str | None) -> dict[str, list[str] | None]:
     """For each source, the families its run was flagged for (against its start or the pretrained model; [] = checked
     and clean), or None when the tracking store does not hold its run (or there is no store to ask)."""
-    from ralign.ops.tracking import TrackingError, resolve_tracking_uri, tracking_client
+    from ralign.ops.tracking import REWARD_HACKING_TAG, VS_PRETRAINED, TrackingError, resolve_tracking_uri, tracking_client
 
+    hacking_tags = (REWARD_HACKING_TAG, REWARD_HACKING_TAG + VS_PRETRAINED)
     flags: dict[str, list[str] | None] = {run["ref"]: None for run in runs}
     try:
         client = tracking_client(resolve_tracking_uri(tracking_uri))
@@ -98,9 +96,9 @@ def reward_hacking_flags(runs: list[dict], tracking_uri: str | None) -> dict[str
             tags = client.get_run(run_id).data.tags
         except Exception:  # not in this store (MlflowException), or the store cannot be read: unchecked, not fatal
             continue
-        if not any(t in tags for t in HACKING_TAGS):
+        if not any(t in tags for t in hacking_tags):
             continue  # a run still going or interrupted: no verdict yet
-        flags[run["ref"]] = sorted({f for t in HACKING_TAGS for f in tags.get(t, "none").split(",") if f and f != "none"})
+        flags[run["ref"]] = sorted({f for t in hacking_tags for f in tags.get(t, "none").split(",") if f and f != "none"})
     return flags
 
 

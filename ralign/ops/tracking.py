@@ -12,6 +12,10 @@ import numpy as np
 from ralign.config import UserError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # `ralign train`'s default store
+# `ralign train`'s reward-hacking verdict, a run tag ("none" or the families), written at a run's end and read by
+# `ralign soup`; a run from an earlier stage also gets the verdict against its pretrained model (tag + VS_PRETRAINED).
+REWARD_HACKING_TAG = "ralign.reward_hacking"
+VS_PRETRAINED = "_vs_pretrained"
 
 
 class TrackingError(UserError):
